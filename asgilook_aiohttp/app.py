@@ -1,0 +1,33 @@
+"""The application factory: routes, middleware, and the Store's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .config import Config
+from .errors import problem_middleware
+from .keys import CONFIG, STORE
+from .store import Store
+from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness
+
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    async with Store.open(app[CONFIG]) as store:
+        app[STORE] = store
+        yield
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_upload_bytes)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_store)
+    app.router.add_view("/images", ImageCollection, name="images")
+    app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")
+    app.router.add_view(f"/images/{{image_id:{_UUID}}}", ImageItem, name="image")
+    app.router.add_view("/healthz", Health, name="health")
+    app.router.add_view("/readyz", Readiness, name="readiness")
+    return app

@@ -1,0 +1,108 @@
+"""Where image bytes live: a directory tree written atomically.
+
+Layout under the storage root::
+
+    images/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg
+    staging/<random>.upload and <random>.jpeg   (work in progress, swept at start-up)
+
+Two levels of two hex digits keep every directory small (about 15 entries each at a
+million images). A file reaches ``images/`` only by ``os.replace`` from ``staging/`` after
+its bytes are fsynced, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+import aiofiles
+
+
+def write_durably(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a new file and make sure its bytes are on disk before returning."""
+    with open(path, "xb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Blobs:
+    def __init__(self, root: Path) -> None:
+        self._images = root / "images"
+        self._staging = root / "staging"
+
+    def open(self) -> None:
+        """Create the directories and remove whatever an interrupted upload left in staging."""
+        self._images.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        for leftover in self._staging.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path(self, image_id: str) -> Path:
+        return self._images / image_id[:2] / image_id[2:4] / f"{image_id}.jpeg"
+
+    def staging_path(self, suffix: str) -> Path:
+        return self._staging / f"{uuid.uuid4().hex}{suffix}"
+
+    async def stage(self, chunks: AsyncIterable[bytes]) -> tuple[Path, int]:
+        """Write a stream to a new staging file; return its path and size."""
+        path = self.staging_path(".upload")
+        size = 0
+        try:
+            async with aiofiles.open(path, "xb") as file:
+                async for chunk in chunks:
+                    await file.write(chunk)
+                    size += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, size
+
+    async def discard(self, path: Path) -> None:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+
+    async def commit(self, staged: Path, image_id: str) -> None:
+        """Move a fsynced staging file to its final place, durably."""
+        await asyncio.to_thread(self._commit, staged, self.path(image_id))
+
+    def _commit(self, staged: Path, final: Path) -> None:
+        created = self._make_parents(final.parent)
+        os.replace(staged, final)
+        _fsync_directory(final.parent)
+        for directory in created:
+            _fsync_directory(directory.parent)
+
+    def _make_parents(self, directory: Path) -> list[Path]:
+        created = []
+        while not directory.exists():
+            created.append(directory)
+            directory = directory.parent
+        for new in reversed(created):
+            new.mkdir(exist_ok=True)
+        return created
+
+    async def delete(self, image_id: str) -> None:
+        await asyncio.to_thread(self.path(image_id).unlink, missing_ok=True)
+
+    async def is_writable(self) -> bool:
+        return await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> bool:
+        probe = self.staging_path(".probe")
+        try:
+            write_durably(probe, b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True

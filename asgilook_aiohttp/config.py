@@ -1,0 +1,218 @@
+"""Every setting, its default and its limits, read from flags and the environment.
+
+Flags beat environment variables, which beat defaults. Each setting has one flag and
+one ``ASGILOOK_*`` variable; the storage path also honours the tutorial's
+``ASGI_LOOK_STORAGE_PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def default_storage_path(environ: Mapping[str, str]) -> Path:
+    """Where images live unless told otherwise: somewhere that survives a reboot."""
+    # systemd's StateDirectory= may list several directories, separated by colons.
+    if state := environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "asgilook-aiohttp"
+
+
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass(frozen=True)
+class Config:
+    storage_path: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = field(default_factory=_default_workers)
+    queue_size: int = 32
+    conversion_timeout: float = 30.0
+    worker_memory_mb: int = 1024
+    max_upload_bytes: int = 32 * MiB
+    max_pixels: int = 50_000_000
+    min_thumbnail_side: int = 64
+    jpeg_quality: int = 90
+    shutdown_timeout: float = 30.0
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Build the configuration from command-line flags and environment variables."""
+        environ = os.environ if environ is None else environ
+        parser = _parser()
+        flags = vars(parser.parse_args(argv))
+        values: dict[str, Any] = {}
+        for setting in _SETTINGS:
+            value = flags[setting.name]
+            if value is None:
+                value = setting.from_environ(environ, parser)
+            if value is not None:
+                values[setting.name] = value
+        values.setdefault("storage_path", default_storage_path(environ))
+        return cls(**values)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port number from 0 to 65535, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 95:
+        raise ValueError(f"must be from 1 to 95, not {value}")
+    return value
+
+
+def _path(text: str) -> Path:
+    if not text:
+        raise ValueError("must not be empty")
+    return Path(text).expanduser()
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    env: tuple[str, ...] = ()
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        return (f"ASGILOOK_{self.name.upper()}", *self.env)
+
+    def from_environ(self, environ: Mapping[str, str], parser: argparse.ArgumentParser) -> Any:
+        for name in self.env_names:
+            if (text := environ.get(name)) is not None:
+                try:
+                    return self.parse(text)
+                except ValueError as error:
+                    parser.error(f"environment variable {name}={text!r}: {error}")
+        return None
+
+
+_SETTINGS = (
+    _Setting("host", "--host", str, "address to listen on (default 127.0.0.1)"),
+    _Setting("port", "--port", _port, "TCP port to listen on; 0 picks a free one (default 8000)"),
+    _Setting(
+        "storage_path",
+        "--storage",
+        _path,
+        "directory for images and their index (default: $STATE_DIRECTORY under systemd, "
+        "else $XDG_DATA_HOME/asgilook-aiohttp, else ~/.local/share/asgilook-aiohttp)",
+        env=("ASGI_LOOK_STORAGE_PATH",),
+    ),
+    _Setting("workers", "--workers", _positive_int, "conversion processes (default: CPU count)"),
+    _Setting(
+        "queue_size",
+        "--queue-size",
+        _non_negative_int,
+        "uploads that may wait for a free worker before new ones get 503 (default 32)",
+    ),
+    _Setting(
+        "conversion_timeout",
+        "--conversion-timeout",
+        _positive_float,
+        "seconds one conversion may run before its worker is killed (default 30)",
+    ),
+    _Setting(
+        "worker_memory_mb",
+        "--worker-memory-mb",
+        _positive_int,
+        "address-space cap of each worker process in MiB (default 1024)",
+    ),
+    _Setting(
+        "max_upload_bytes",
+        "--max-upload-bytes",
+        _positive_int,
+        "largest request body accepted, in bytes (default 33554432, 32 MiB)",
+    ),
+    _Setting(
+        "max_pixels",
+        "--max-pixels",
+        _positive_int,
+        "most pixels (width x height) an upload may have (default 50000000)",
+    ),
+    _Setting(
+        "min_thumbnail_side",
+        "--min-thumbnail-side",
+        _positive_int,
+        "smallest width or height a listed thumbnail may have (default 64)",
+    ),
+    _Setting(
+        "jpeg_quality", "--jpeg-quality", _quality, "quality of re-encoded JPEGs (default 90)"
+    ),
+    _Setting(
+        "shutdown_timeout",
+        "--shutdown-timeout",
+        _positive_float,
+        "seconds to let in-flight requests finish after SIGTERM (default 30)",
+    ),
+)
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asgilook-aiohttp",
+        description="Serve the asgilook image API. Every flag also reads an environment "
+        "variable: ASGILOOK_ and the setting's name in capitals (--storage reads "
+        "ASGILOOK_STORAGE_PATH).",
+    )
+    for setting in _SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            type=_argparse_type(setting.parse),
+            default=None,
+            help=f"{setting.help} [env: {', '.join(setting.env_names)}]",
+        )
+    return parser

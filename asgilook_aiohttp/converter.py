@@ -1,0 +1,179 @@
+"""The worker processes that run Pillow, kept off the event loop and kept alive.
+
+Each worker is its own single-process ``ProcessPoolExecutor`` (a "lane"). A plain pool of
+N processes is broken for good as soon as one of them dies, failing every job it holds;
+with lanes, a worker that crashes or is killed for running too long costs only the job it
+was running, and its lane is rebuilt in the background. Jobs wait for a free lane in an
+asyncio queue whose length is bounded, so overload is answered at once with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from . import imaging
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 2
+
+
+class ConverterUnavailable(Exception):
+    """No conversion this time, through no fault of the image; the client may retry."""
+
+    retry_after = RETRY_AFTER_SECONDS
+
+
+class QueueFull(ConverterUnavailable):
+    pass
+
+
+class ConversionTimedOut(ConverterUnavailable):
+    pass
+
+
+class WorkerLost(ConverterUnavailable):
+    pass
+
+
+def _context() -> multiprocessing.context.ForkServerContext:
+    # Forking a process that runs threads (asyncio's executors, aiofiles) can deadlock
+    # the child; forkserver children start from a clean, single-threaded server that
+    # has already imported Pillow.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([imaging.__name__])
+    return context
+
+
+class _Lane:
+    """One worker process and the executor that feeds it."""
+
+    def __init__(self, memory_limit_bytes: int) -> None:
+        self._memory_limit_bytes = memory_limit_bytes
+        self._executor: ProcessPoolExecutor | None = None
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        self._executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=_context(),
+            initializer=imaging.init_worker,
+            initargs=(self._memory_limit_bytes,),
+        )
+        loop = asyncio.get_running_loop()
+        # Starting the process now, not at the first upload, also tells us its pid.
+        self.pid = await loop.run_in_executor(self._executor, os.getpid)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        assert self._executor is not None
+        return self._executor.submit(fn, *args)
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    def is_alive(self) -> bool:
+        if self._executor is None or self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class Converter:
+    def __init__(
+        self, workers: int, queue_size: int, timeout: float, memory_limit_bytes: int
+    ) -> None:
+        self._lanes = [_Lane(memory_limit_bytes) for _ in range(workers)]
+        self._queue_size = queue_size
+        self._timeout = timeout
+        self._idle: asyncio.Queue[_Lane] = asyncio.Queue()
+        self._waiting = 0
+        self._rebuilds: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await asyncio.gather(*(lane.start() for lane in self._lanes))
+        for lane in self._lanes:
+            self._idle.put_nowait(lane)
+
+    async def close(self) -> None:
+        for rebuild in self._rebuilds:
+            rebuild.cancel()
+        await asyncio.gather(*self._rebuilds, return_exceptions=True)
+        await asyncio.gather(*(lane.stop() for lane in self._lanes))
+
+    def worker_pids(self) -> list[int]:
+        return [lane.pid for lane in self._lanes if lane.pid is not None]
+
+    def is_working(self) -> bool:
+        """At least one worker is alive to take jobs."""
+        return any(lane.is_alive() for lane in self._lanes)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker, within the time limit.
+
+        Raises ``ConverterUnavailable`` when the queue is full, the job ran out of time or
+        its worker died; whatever ``fn`` raises otherwise is re-raised here.
+        """
+        if self._idle.empty() and self._waiting >= self._queue_size:
+            raise QueueFull(
+                f"all {len(self._lanes)} conversion workers are busy and "
+                f"{self._waiting} uploads are waiting; try again shortly"
+            )
+        self._waiting += 1
+        try:
+            lane = await self._idle.get()
+        finally:
+            self._waiting -= 1
+        job = asyncio.wrap_future(lane.submit(fn, *args))
+        # The lane is free again only when its process is, whatever happens to this task.
+        job.add_done_callback(lambda done: self._job_done(lane, done))
+        finished, _ = await asyncio.wait({job}, timeout=self._timeout)
+        if not finished:
+            lane.kill()
+            raise ConversionTimedOut(
+                f"the conversion took longer than {self._timeout:g} s and was stopped"
+            )
+        try:
+            return job.result()
+        except BrokenProcessPool:
+            raise WorkerLost("the worker converting this image stopped unexpectedly") from None
+
+    def _job_done(self, lane: _Lane, job: asyncio.Future[Any]) -> None:
+        if not job.cancelled() and isinstance(job.exception(), BrokenProcessPool):
+            rebuild = asyncio.create_task(self._rebuild(lane))
+            self._rebuilds.add(rebuild)
+            rebuild.add_done_callback(self._rebuilds.discard)
+        else:
+            self._idle.put_nowait(lane)
+
+    async def _rebuild(self, lane: _Lane) -> None:
+        await lane.stop()
+        while True:
+            try:
+                await lane.start()
+            except OSError:
+                _log.exception("could not start a conversion worker; trying again")
+                await asyncio.sleep(RETRY_AFTER_SECONDS)
+            else:
+                break
+        self._idle.put_nowait(lane)

@@ -1,0 +1,160 @@
+"""Pillow work that runs inside the worker processes: plain, picklable functions.
+
+Nothing here knows about asyncio or HTTP. Failures are raised as ``ImageRejected``
+subclasses, which carry a message meant for the person who sent the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import resource
+import struct
+import warnings
+import zlib
+from typing import NamedTuple
+
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from .blobs import write_durably
+from .jpeg import strip_metadata
+
+_ORIENTATION_TAG = 0x0112
+_WHITE = (255, 255, 255)
+# What Pillow's decoders raise for data that starts like an image but breaks later on.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+class ImageRejected(Exception):
+    """The upload cannot be stored; the message says why."""
+
+
+class NotAnImage(ImageRejected):
+    pass
+
+
+class CorruptImage(ImageRejected):
+    pass
+
+
+class TooManyPixels(ImageRejected):
+    pass
+
+
+class TooMuchMemory(ImageRejected):
+    pass
+
+
+class Converted(NamedTuple):
+    width: int
+    height: int
+    nbytes: int
+    sha256: str
+
+
+def init_worker(memory_limit_bytes: int) -> None:
+    """Set up a worker process: cap its memory so one hostile image can't exhaust the host."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    # The pixel limit is checked explicitly before decoding; Pillow's own warning is noise.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def convert_upload(source: str, destination: str, max_pixels: int, quality: int) -> Converted:
+    """Turn the uploaded file at ``source`` into the JPEG stored at ``destination``."""
+    with open(source, "rb") as file:
+        data = file.read()
+    try:
+        jpeg, size = _to_jpeg(data, max_pixels, quality)
+    except MemoryError:
+        raise TooMuchMemory(
+            "converting this image needs more memory than a worker may use; send a smaller image"
+        ) from None
+    write_durably(destination, jpeg)
+    return Converted(size[0], size[1], len(jpeg), hashlib.sha256(jpeg).hexdigest())
+
+
+def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    image = _open(data, max_pixels)
+    try:
+        image.load()
+        if _is_upright_colour_jpeg(image) and (stripped := strip_metadata(data)):
+            return stripped, image.size
+        ImageOps.exif_transpose(image, in_place=True)
+        rgb, icc_profile = _to_rgb(image)
+        rgb.info = {}  # Pillow would otherwise copy comments from the source into the JPEG
+        output = io.BytesIO()
+        rgb.save(output, "JPEG", quality=quality, icc_profile=icc_profile)
+    except _DECODE_ERRORS as error:
+        raise CorruptImage(
+            f"the {image.format} image is truncated or corrupt and cannot be decoded ({error})"
+        ) from None
+    return output.getvalue(), rgb.size
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(None, max_pixels) from None
+    except UnidentifiedImageError:
+        raise NotAnImage(
+            "the body is not an image in any format this server can read "
+            "(JPEG, PNG, GIF, WebP, TIFF, BMP and others are accepted)"
+        ) from None
+    except _DECODE_ERRORS as error:
+        raise CorruptImage(f"the image header is corrupt ({error})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(image.size, max_pixels)
+    if width == 0 or height == 0:
+        raise CorruptImage("the image has no pixels (its width or height is 0)")
+    return image
+
+
+def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> TooManyPixels:
+    found = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
+    return TooManyPixels(f"the image has {found}; this server accepts at most {max_pixels:,}")
+
+
+def _is_upright_colour_jpeg(image: Image.Image) -> bool:
+    return (
+        image.format in ("JPEG", "MPO")
+        and image.mode == "RGB"
+        and image.getexif().get(_ORIENTATION_TAG, 1) == 1
+    )
+
+
+def _to_rgb(image: Image.Image) -> tuple[Image.Image, bytes | None]:
+    """Opaque RGB pixels, and the ICC profile that still describes them, if any."""
+    icc_profile = image.info.get("icc_profile") or None
+    space = _colour_space(icc_profile) if icc_profile else None
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if space in ("CMYK", "GRAY") and image.mode in ("CMYK", "L"):
+        try:
+            converted = ImageCms.profileToProfile(
+                image,
+                ImageCms.ImageCmsProfile(io.BytesIO(icc_profile or b"")),
+                ImageCms.createProfile("sRGB"),
+                outputMode="RGB",
+            )
+        except ImageCms.PyCMSError:
+            pass
+        else:
+            assert converted is not None  # profileToProfile returns None only in place
+            return converted, None
+    kept_profile = icc_profile if space == "RGB" else None
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", image.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background, kept_profile
+    return image.convert("RGB"), kept_profile
+
+
+def _colour_space(icc_profile: bytes) -> str | None:
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    except (ImageCms.PyCMSError, OSError):
+        return None
+    return str(profile.profile.xcolor_space).strip()

@@ -1,0 +1,150 @@
+"""The metadata index: one SQLite row per stored image, and a journal of uploads in flight.
+
+SQLite runs in WAL mode with ``synchronous=FULL``, so a committed row survives a crash
+of the process or of the machine. All calls go through one thread, which owns the
+connection, so the event loop never waits on the disk. Pages are read by keyset
+(``seq > ?``), so a deep page costs the same as the first at any size of the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    uploaded INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE pending (id TEXT PRIMARY KEY);
+"""
+_COLUMNS = "id, uploaded, width, height, bytes, sha256"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    uploaded: int
+    """Upload time, in whole seconds since the epoch."""
+    width: int
+    height: int
+    nbytes: int
+    sha256: str
+
+
+class UnknownCursor(LookupError):
+    """``after`` names an image that is not in the index."""
+
+
+class Index:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self._db: sqlite3.Connection | None = None
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._db is not None
+            return fn(self._db)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
+
+    def _connect(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version == 0:
+            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
+        elif version != _SCHEMA_VERSION:
+            db.close()
+            raise RuntimeError(
+                f"{self._path} has index schema version {version}; this release reads "
+                f"version {_SCHEMA_VERSION}"
+            )
+        self._db = db
+
+    async def close(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+
+        if self._db is not None:
+            await self._call(close)
+            self._db = None
+        self._thread.shutdown()
+
+    async def add_pending(self, image_id: str) -> None:
+        """Journal an upload before its file is moved into place."""
+        await self._call(lambda db: db.execute("INSERT INTO pending (id) VALUES (?)", (image_id,)))
+
+    async def drop_pending(self, image_id: str) -> None:
+        await self._call(lambda db: db.execute("DELETE FROM pending WHERE id = ?", (image_id,)))
+
+    async def pending(self) -> list[str]:
+        def pending(db: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in db.execute("SELECT id FROM pending")]
+
+        return await self._call(pending)
+
+    async def add(self, record: ImageRecord) -> None:
+        """Record a stored image and clear its journal entry, in one transaction."""
+
+        def add(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.execute(
+                    f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.uploaded,
+                        record.width,
+                        record.height,
+                        record.nbytes,
+                        record.sha256,
+                    ),
+                )
+                db.execute("DELETE FROM pending WHERE id = ?", (record.id,))
+
+        await self._call(add)
+
+    async def get(self, image_id: str) -> ImageRecord | None:
+        def get(db: sqlite3.Connection) -> ImageRecord | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+            return ImageRecord(*row) if row else None
+
+        return await self._call(get)
+
+    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
+        """Up to ``limit`` images in upload order, after the image ``after``; and whether
+        more follow."""
+
+        def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
+            start = 0
+            if after is not None:
+                row = db.execute("SELECT seq FROM images WHERE id = ?", (after,)).fetchone()
+                if row is None:
+                    raise UnknownCursor(after)
+                start = row[0]
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
+                (start, limit + 1),
+            ).fetchall()
+            return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit
+
+        return await self._call(page)

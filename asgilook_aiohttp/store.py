@@ -1,0 +1,127 @@
+"""The Store: the one place that knows an image is a file plus an index row.
+
+An upload is staged to disk, converted in a worker into a second staging file, journaled
+as pending, moved into place and only then recorded in the index. A crash at any point
+leaves either nothing visible or a complete image; ``open`` clears what a crash left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import imaging
+from .blobs import Blobs
+from .config import Config, MiB
+from .converter import Converter
+from .index import ImageRecord, Index
+
+INDEX_FILE = "index.sqlite3"
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An upload received in full and waiting for conversion."""
+
+    path: Path
+    size: int
+
+
+class Store:
+    def __init__(self, config: Config, index: Index, blobs: Blobs, converter: Converter) -> None:
+        self._config = config
+        self._index = index
+        self._blobs = blobs
+        self.converter = converter
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: Config) -> AsyncIterator[Store]:
+        config.storage_path.mkdir(parents=True, exist_ok=True)
+        blobs = Blobs(config.storage_path)
+        blobs.open()
+        index = Index(config.storage_path / INDEX_FILE)
+        await index.open()
+        try:
+            for image_id in await index.pending():
+                await blobs.delete(image_id)
+                await index.drop_pending(image_id)
+            converter = Converter(
+                workers=config.workers,
+                queue_size=config.queue_size,
+                timeout=config.conversion_timeout,
+                memory_limit_bytes=config.worker_memory_mb * MiB,
+            )
+            await converter.start()
+            try:
+                yield cls(config, index, blobs, converter)
+            finally:
+                await converter.close()
+        finally:
+            await index.close()
+
+    async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
+        path, size = await self._blobs.stage(chunks)
+        return Staged(path, size)
+
+    async def discard(self, staged: Staged) -> None:
+        await self._blobs.discard(staged.path)
+
+    async def add(self, staged: Staged) -> ImageRecord:
+        """Convert a staged upload and store it; the staged file is consumed either way."""
+        converted_path = self._blobs.staging_path(".jpeg")
+        try:
+            converted = await self.converter.run(
+                imaging.convert_upload,
+                str(staged.path),
+                str(converted_path),
+                self._config.max_pixels,
+                self._config.jpeg_quality,
+            )
+            record = ImageRecord(
+                id=str(uuid.uuid4()),
+                uploaded=int(time.time()),
+                width=converted.width,
+                height=converted.height,
+                nbytes=converted.nbytes,
+                sha256=converted.sha256,
+            )
+            # Once started, finishing is cheaper than undoing, even if the client has gone.
+            await asyncio.shield(self._publish(converted_path, record))
+        finally:
+            await self._blobs.discard(staged.path)
+            await self._blobs.discard(converted_path)
+        return record
+
+    async def _publish(self, converted_path: Path, record: ImageRecord) -> None:
+        await self._index.add_pending(record.id)
+        try:
+            await self._blobs.commit(converted_path, record.id)
+            await self._index.add(record)
+        except Exception:
+            await self._blobs.delete(record.id)
+            await self._index.drop_pending(record.id)
+            raise
+
+    async def get(self, image_id: str) -> ImageRecord | None:
+        return await self._index.get(image_id)
+
+    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
+        return await self._index.page(limit, after)
+
+    def file_path(self, record: ImageRecord) -> Path:
+        return self._blobs.path(record.id)
+
+    async def readiness_problems(self) -> list[str]:
+        """Why the store cannot take uploads now; empty when it can."""
+        problems = []
+        if not await self._blobs.is_writable():
+            problems.append(f"the storage directory {self._config.storage_path} is not writable")
+        if not self.converter.is_working():
+            problems.append("no conversion worker is running")
+        return problems

@@ -1,0 +1,100 @@
+"""Reading an upload out of a request: a raw body or a multipart form, streamed to disk.
+
+The byte limit holds for the whole request body as it arrives (after any
+Content-Encoding is undone), so an oversized upload is refused after at most one chunk
+beyond the limit, never buffered whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import BodyPartReader, web
+
+from .errors import bad_request, payload_too_large
+from .store import Staged, Store
+
+_CHUNK = 256 * 1024
+
+
+async def receive(request: web.Request, store: Store, limit: int) -> Staged:
+    """Stage the uploaded file; the caller owns the result and must add or discard it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    if request.content_type == "multipart/form-data":
+        staged = await _receive_multipart(request, store, limit)
+    else:
+        staged = await store.stage(_body_chunks(request, limit))
+    if staged.size == 0:
+        await store.discard(staged)
+        raise bad_request(
+            "empty-upload",
+            "the upload is empty; send the image bytes as the request body, or as a "
+            "multipart/form-data file part named 'image'",
+        )
+    return staged
+
+
+async def _receive_multipart(request: web.Request, store: Store, limit: int) -> Staged:
+    """The part named ``image``, else the first part that carries a file name."""
+    chosen: Staged | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ValueError("nested multipart bodies are not supported")
+            if part.name == "image" or (chosen is None and part.filename is not None):
+                staged = await store.stage(_part_chunks(request, part, limit))
+                if chosen is not None:
+                    await store.discard(chosen)
+                chosen = staged
+                if part.name == "image":
+                    break
+            else:
+                await _drain(_part_chunks(request, part, limit))
+    except ValueError as error:
+        if chosen is not None:
+            await store.discard(chosen)
+        raise bad_request(
+            "malformed-multipart", f"the multipart body is malformed: {error}"
+        ) from None
+    except BaseException:
+        if chosen is not None:
+            await store.discard(chosen)
+        raise
+    if chosen is None:
+        raise bad_request(
+            "no-file-part",
+            "the multipart form has no file; send the image in a part named 'image'",
+        )
+    return chosen
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async for _ in chunks:
+        pass
+
+
+async def _body_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        _check_total(request, limit)
+        yield chunk
+
+
+async def _part_chunks(
+    request: web.Request, part: BodyPartReader, limit: int
+) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_CHUNK):
+        _check_total(request, limit)
+        yield chunk
+
+
+def _check_total(request: web.Request, limit: int) -> None:
+    if request.content.total_bytes > limit:
+        raise _too_large(limit)
+
+
+def _too_large(limit: int) -> Exception:
+    return payload_too_large(
+        f"the request body is larger than this server's limit of {limit:,} bytes"
+    )

@@ -1,0 +1,121 @@
+"""The HTTP resources: thin views that parse a request, ask the Store, shape the answer."""
+
+from __future__ import annotations
+
+import uuid
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+from . import uploads
+from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from .errors import Problem, bad_request, not_found
+from .index import ImageRecord, UnknownCursor
+from .keys import CONFIG, STORE
+from .store import Store
+
+
+class _Resource(web.View):
+    """A resource that answers GET, and so HEAD (aiohttp leaves out the body)."""
+
+    @property
+    def store(self) -> Store:
+        return self.request.app[STORE]
+
+    async def get(self) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def head(self) -> web.StreamResponse:
+        return await self.get()
+
+    async def record(self) -> ImageRecord:
+        image_id = self.request.match_info["image_id"]
+        record = await self.store.get(image_id)
+        if record is None:
+            raise not_found(f"there is no image with id {image_id}")
+        return record
+
+    def image_object(self, record: ImageRecord) -> dict[str, Any]:
+        router = self.request.app.router
+        return {
+            "id": record.id,
+            "image": str(router["image-file"].url_for(image_id=record.id)),
+            "modified": formatdate(record.uploaded, usegmt=True),
+            "size": [record.width, record.height],
+        }
+
+
+class ImageCollection(_Resource):
+    async def get(self) -> web.StreamResponse:
+        limit, after = _page_query(self.request)
+        try:
+            records, more = await self.store.page(limit, after)
+        except UnknownCursor:
+            raise bad_request(
+                "unknown-cursor",
+                f"after={after} names no stored image; start again without 'after'",
+            ) from None
+        response = web.json_response([self.image_object(record) for record in records])
+        if more:
+            next_page = (
+                self.request.app.router["images"]
+                .url_for()
+                .with_query(limit=limit, after=records[-1].id)
+            )
+            response.headers["Link"] = f'<{next_page}>; rel="next"'
+        return response
+
+    async def post(self) -> web.StreamResponse:
+        config = self.request.app[CONFIG]
+        staged = await uploads.receive(self.request, self.store, config.max_upload_bytes)
+        record = await self.store.add(staged)
+        body = self.image_object(record)
+        return web.json_response(body, status=201, headers={"Location": body["image"]})
+
+
+class ImageItem(_Resource):
+    async def get(self) -> web.StreamResponse:
+        return web.json_response(self.image_object(await self.record()))
+
+
+class ImageFile(_Resource):
+    async def get(self) -> web.StreamResponse:
+        record = await self.record()
+        return web.FileResponse(
+            self.store.file_path(record), headers={"Content-Type": "image/jpeg"}
+        )
+
+
+class Health(_Resource):
+    async def get(self) -> web.StreamResponse:
+        return web.json_response({"status": "alive"})
+
+
+class Readiness(_Resource):
+    async def get(self) -> web.StreamResponse:
+        if problems := await self.store.readiness_problems():
+            raise Problem(503, "not-ready", "; ".join(problems), {"Retry-After": "5"})
+        return web.json_response({"status": "ready"})
+
+
+def _page_query(request: web.Request) -> tuple[int, str | None]:
+    text = request.query.get("limit")
+    limit = DEFAULT_PAGE_SIZE
+    if text is not None:
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PAGE_SIZE):
+            raise bad_request(
+                "bad-limit", f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}, not {text!r}"
+            )
+        limit = int(text)
+    after = request.query.get("after")
+    if after is not None and not _is_canonical_uuid(after):
+        raise bad_request("unknown-cursor", f"after={after!r} is not an image id")
+    return limit, after
+
+
+def _is_canonical_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
