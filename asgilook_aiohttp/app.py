@@ -8,7 +8,8 @@ from aiohttp import web
 
 from .config import Config
 from .errors import problem_middleware
-from .keys import CONFIG, STORE
+from .inflight import InFlight
+from .keys import CONFIG, IN_FLIGHT, STORE
 from .store import Store
 from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness
 
@@ -22,8 +23,13 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[problem_middleware], client_max_size=config.max_upload_bytes)
+    in_flight = InFlight()
+    app = web.Application(
+        middlewares=[in_flight.middleware, problem_middleware],
+        client_max_size=config.max_upload_bytes,
+    )
     app[CONFIG] = config
+    app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")

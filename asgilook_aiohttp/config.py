@@ -25,7 +25,8 @@ def default_storage_path(environ: Mapping[str, str]) -> Path:
     # systemd's StateDirectory= may list several directories, separated by colons.
     if state := environ.get("STATE_DIRECTORY"):
         return Path(state.split(":")[0])
-    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    home = environ.get("HOME") or str(Path.home())
+    data_home = environ.get("XDG_DATA_HOME") or str(Path(home) / ".local" / "share")
     return Path(data_home) / "asgilook-aiohttp"
 
 

@@ -121,6 +121,16 @@ class Converter:
         await asyncio.gather(*self._rebuilds, return_exceptions=True)
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
 
+    @property
+    def busy(self) -> int:
+        """Workers running a job (or being restarted after one)."""
+        return len(self._lanes) - self._idle.qsize()
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued for a free worker."""
+        return self._waiting
+
     def worker_pids(self) -> list[int]:
         return [lane.pid for lane in self._lanes if lane.pid is not None]
 

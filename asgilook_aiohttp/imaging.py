@@ -10,7 +10,6 @@ import hashlib
 import io
 import resource
 import struct
-import warnings
 import zlib
 from typing import NamedTuple
 
@@ -55,8 +54,9 @@ class Converted(NamedTuple):
 def init_worker(memory_limit_bytes: int) -> None:
     """Set up a worker process: cap its memory so one hostile image can't exhaust the host."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
-    # The pixel limit is checked explicitly before decoding; Pillow's own warning is noise.
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # The pixel limit is checked against the header, with a message that gives the size;
+    # Pillow's own check, with its fixed limit, would get in first.
+    Image.MAX_IMAGE_PIXELS = None
 
 
 def convert_upload(source: str, destination: str, max_pixels: int, quality: int) -> Converted:
@@ -102,7 +102,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "(JPEG, PNG, GIF, WebP, TIFF, BMP and others are accepted)"
         ) from None
     except _DECODE_ERRORS as error:
-        raise CorruptImage(f"the image header is corrupt ({error})") from None
+        raise CorruptImage(
+            f"the image is truncated or corrupt and cannot be decoded ({error})"
+        ) from None
     width, height = image.size
     if width * height > max_pixels:
         raise _too_many_pixels(image.size, max_pixels)

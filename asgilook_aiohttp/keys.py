@@ -3,7 +3,9 @@
 from aiohttp import web
 
 from .config import Config
+from .inflight import InFlight
 from .store import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
 from typing import Any
 
 from aiohttp import web
 
 from .app import create_app
 from .config import Config
+from .keys import IN_FLIGHT
+
+_log = logging.getLogger(__name__)
 
 
 def _url(address: Any) -> str:
@@ -20,7 +23,8 @@ def _url(address: Any) -> str:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight requests finish and stop."""
-    runner = web.AppRunner(create_app(config), shutdown_timeout=config.shutdown_timeout)
+    app = create_app(config)
+    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout)
     # Startup (index, sweep, worker processes) completes before the socket is bound, so
     # the first connection accepted can already be served.
     await runner.setup()
@@ -32,7 +36,19 @@ async def serve(config: Config) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         urls = ", ".join(_url(address) for address in runner.addresses)
-        print(f"asgilook-aiohttp listening on {urls}", file=sys.stdout, flush=True)
+        print(f"asgilook-aiohttp listening on {urls}", flush=True)
         await stop.wait()
+
+        for running_site in list(runner.sites):
+            await running_site.stop()
+        in_flight = app[IN_FLIGHT]
+        _log.info("stopping: waiting for %d requests in progress", in_flight.count)
+        try:
+            async with asyncio.timeout(config.shutdown_timeout):
+                await in_flight.wait_idle()
+        except TimeoutError:
+            _log.warning("stopping with %d requests unfinished", in_flight.count)
     finally:
+        # Closes idle connections, gives responses still being sent up to the shutdown
+        # timeout, then stops the worker processes.
         await runner.cleanup()

@@ -1,0 +1,61 @@
+"""Assertions about what a user sees: problem responses and what is left on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from asgilook_aiohttp.store import INDEX_FILE
+
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+def stored_files(storage: Path) -> list[str]:
+    """Every file under the storage directory but the index's own."""
+    return sorted(
+        str(path.relative_to(storage))
+        for path in storage.rglob("*")
+        if path.is_file() and not path.name.startswith(INDEX_FILE)
+    )
+
+
+def index_rows(storage: Path) -> tuple[int, int]:
+    """(stored images, pending uploads), read from the index file itself."""
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        (images,) = db.execute("SELECT count(*) FROM images").fetchone()
+        (pending,) = db.execute("SELECT count(*) FROM pending").fetchone()
+    return images, pending
+
+
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Wait for state that lives outside the event loop (processes, counters) to change."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - nothing to await on but time
+            await asyncio.sleep(0.005)
+
+
+def assert_nothing_stored(storage: Path) -> None:
+    assert stored_files(storage) == []
+    assert index_rows(storage) == (0, 0)
+
+
+async def assert_problem(
+    response: ClientResponse, status: int, slug: str | None = None
+) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status; returns its body."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body["status"] == status
+    assert body["title"]
+    assert len(body["detail"]) > 20
+    if slug is not None:
+        assert body["type"] == f"tag:asgilook-aiohttp,2026:{slug}"
+    return body

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from asgilook_aiohttp.app import create_app
+from asgilook_aiohttp.config import Config
+
+from checks import Client, ClientFactory
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    return tmp_path / "storage"
+
+
+@pytest.fixture
+def config(storage: Path) -> Config:
+    return Config(storage_path=storage, workers=1, conversion_timeout=60)
+
+
+@pytest.fixture
+def make_client(aiohttp_client: AiohttpClient, config: Config) -> ClientFactory:
+    """A client for a fresh app on the test's storage; keyword arguments override config."""
+
+    async def make(**overrides: Any) -> Client:
+        return await aiohttp_client(create_app(replace(config, **overrides)))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    return await make_client()

@@ -1,0 +1,75 @@
+"""Deterministic sample images, made in memory, in the formats users upload."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import Any
+
+from PIL import Image, ImageCms
+
+RED = (220, 20, 30)
+BLUE = (20, 40, 210)
+GPS_IFD = 0x8825
+ORIENTATION = 0x0112
+
+
+def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def two_tone(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
+    """Red on the left half, blue on the right: shows where a rotation went."""
+    image = Image.new("RGB", size, RED)
+    image.paste(BLUE, (size[0] // 2, 0, size[0], size[1]))
+    return image.convert(mode)
+
+
+def srgb_profile() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def photo(size: tuple[int, int] = (4000, 3000)) -> Image.Image:
+    """Photo-like content (smooth gradients and grain) that JPEG and PNG can't shrink away."""
+    ramp = Image.linear_gradient("L").resize(size)
+    grain = Image.effect_noise(size, 40)
+    return Image.merge("RGB", (ramp, grain, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+
+def exif_with_gps(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    gps = exif.get_ifd(GPS_IFD)
+    gps[1] = "N"
+    gps[2] = (52.0, 13.0, 7.5)
+    return exif
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (40, 30), colour) for colour in (RED, BLUE)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def grey16_png(value: int, size: tuple[int, int] = (32, 24)) -> bytes:
+    return encode(Image.new("I;16", size, value), "PNG")
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size its few bytes of pixel data could never fill."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)

@@ -1,0 +1,99 @@
+"""Configuration: flags beat the environment, which beats the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from asgilook_aiohttp.config import Config
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = Config.from_sources([], {"HOME": str(tmp_path)})
+    assert (config.host, config.port) == ("127.0.0.1", 8000)
+    assert config.storage_path == tmp_path / ".local" / "share" / "asgilook-aiohttp"
+    assert config.max_upload_bytes == 32 * 1024 * 1024
+    assert config.max_pixels == 50_000_000
+    assert config.min_thumbnail_side == 64
+    assert config.workers >= 1
+
+
+def test_storage_default_follows_systemd_then_xdg() -> None:
+    systemd = {"STATE_DIRECTORY": "/var/lib/asgilook:/var/lib/other", "XDG_DATA_HOME": "/x"}
+    assert Config.from_sources([], systemd).storage_path == Path("/var/lib/asgilook")
+    assert Config.from_sources([], {"XDG_DATA_HOME": "/x"}).storage_path == Path(
+        "/x/asgilook-aiohttp"
+    )
+
+
+def test_environment_sets_every_setting() -> None:
+    env = {
+        "ASGILOOK_HOST": "::1",
+        "ASGILOOK_PORT": "9000",
+        "ASGILOOK_STORAGE_PATH": "/srv/images",
+        "ASGILOOK_WORKERS": "3",
+        "ASGILOOK_QUEUE_SIZE": "0",
+        "ASGILOOK_CONVERSION_TIMEOUT": "2.5",
+        "ASGILOOK_WORKER_MEMORY_MB": "512",
+        "ASGILOOK_MAX_UPLOAD_BYTES": "1000",
+        "ASGILOOK_MAX_PIXELS": "2000",
+        "ASGILOOK_MIN_THUMBNAIL_SIDE": "32",
+        "ASGILOOK_JPEG_QUALITY": "80",
+        "ASGILOOK_SHUTDOWN_TIMEOUT": "5",
+    }
+    assert Config.from_sources([], env) == Config(
+        host="::1",
+        port=9000,
+        storage_path=Path("/srv/images"),
+        workers=3,
+        queue_size=0,
+        conversion_timeout=2.5,
+        worker_memory_mb=512,
+        max_upload_bytes=1000,
+        max_pixels=2000,
+        min_thumbnail_side=32,
+        jpeg_quality=80,
+        shutdown_timeout=5.0,
+    )
+
+
+def test_every_setting_has_a_flag_and_a_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        Config.from_sources(["--help"], {})
+    help_text = capsys.readouterr().out
+    for field in dataclasses.fields(Config):
+        assert f"ASGILOOK_{field.name.upper()}" in help_text
+
+
+def test_flags_beat_environment() -> None:
+    env = {"ASGILOOK_PORT": "9000", "ASGILOOK_STORAGE_PATH": "/from/env", "ASGILOOK_WORKERS": "3"}
+    config = Config.from_sources(["--port", "9001", "--storage", "/from/flag"], env)
+    assert (config.port, config.storage_path, config.workers) == (9001, Path("/from/flag"), 3)
+
+
+def test_tutorial_storage_variable_is_honoured_after_ours() -> None:
+    env = {"ASGI_LOOK_STORAGE_PATH": "/tutorial"}
+    assert Config.from_sources([], env).storage_path == Path("/tutorial")
+    env["ASGILOOK_STORAGE_PATH"] = "/ours"
+    assert Config.from_sources([], env).storage_path == Path("/ours")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "70000"], {}, "--port: must be a port number"),
+        (["--workers", "0"], {}, "--workers: must be at least 1"),
+        ([], {"ASGILOOK_WORKERS": "many"}, "ASGILOOK_WORKERS='many'"),
+        ([], {"ASGILOOK_CONVERSION_TIMEOUT": "0"}, "must be a number of seconds above 0"),
+        ([], {"ASGILOOK_STORAGE_PATH": ""}, "must not be empty"),
+    ],
+)
+def test_bad_values_are_refused_with_a_message(
+    capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_sources(argv, env)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

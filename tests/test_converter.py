@@ -1,0 +1,141 @@
+"""The process pool under trouble: killed workers, slow and hungry images, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from asgilook_aiohttp.converter import Converter
+from asgilook_aiohttp.keys import STORE
+
+import samples
+from checks import Client, ClientFactory, assert_nothing_stored, assert_problem, until
+
+SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
+
+
+@pytest.fixture(scope="session")
+def slow_png() -> bytes:
+    """A 12-megapixel PNG: about half a second of work for a worker."""
+    return samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+
+
+def converter(client: Client) -> Converter:
+    return client.app[STORE].converter
+
+
+async def wait_until_busy(client: Client, workers: int = 1) -> None:
+    await until(lambda: converter(client).busy >= workers)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_conversion_runs_in_a_worker_process(client: Client) -> None:
+    pids = converter(client).worker_pids()
+    assert len(pids) == 1
+    assert os.getpid() not in pids
+    assert process_exists(pids[0])
+    assert (await client.post("/images", data=SMALL_PNG)).status == 201
+    assert converter(client).worker_pids() == pids
+
+
+async def test_worker_count_is_configurable(make_client: ClientFactory) -> None:
+    client = await make_client(workers=3)
+    assert len(set(converter(client).worker_pids())) == 3
+
+
+async def test_worker_killed_mid_job_costs_only_that_upload(
+    client: Client, storage: Path, slow_png: bytes
+) -> None:
+    upload = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
+    await wait_until_busy(client)
+    (victim,) = converter(client).worker_pids()
+    os.kill(victim, signal.SIGKILL)
+
+    response = await upload
+    body = await assert_problem(response, 503, "busy")
+    assert "stopped unexpectedly" in body["detail"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert_nothing_stored(storage)
+
+    retry = await client.post("/images", data=SMALL_PNG)
+    assert retry.status == 201
+    (replacement,) = converter(client).worker_pids()
+    assert replacement != victim
+
+
+async def test_other_workers_keep_their_jobs_when_one_dies(
+    make_client: ClientFactory, slow_png: bytes
+) -> None:
+    client = await make_client(workers=2)
+    uploads = [
+        asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png))) for _ in range(2)
+    ]
+    await wait_until_busy(client, workers=2)
+    victim = converter(client).worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    statuses = sorted([(await upload).status for upload in uploads])
+    assert statuses == [201, 503]
+
+
+async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
+    make_client: ClientFactory, storage: Path, slow_png: bytes
+) -> None:
+    client = await make_client(conversion_timeout=0.05)
+    (slow_worker,) = converter(client).worker_pids()
+    response = await client.post("/images", data=io.BytesIO(slow_png))
+    body = await assert_problem(response, 503, "busy")
+    assert "longer than 0.05 s" in body["detail"]
+    assert "Retry-After" in response.headers
+    assert_nothing_stored(storage)
+
+    await until(lambda: not process_exists(slow_worker) and not converter(client).busy)
+    tiny = samples.encode(Image.new("RGB", (8, 8)), "PNG")
+    assert (await client.post("/images", data=tiny)).status == 201
+
+
+async def test_full_queue_is_503_at_once(
+    make_client: ClientFactory, storage: Path, slow_png: bytes
+) -> None:
+    client = await make_client(workers=1, queue_size=1)
+    running = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
+    await wait_until_busy(client)
+    queued = asyncio.create_task(client.post("/images", data=SMALL_PNG))
+    await until(lambda: converter(client).waiting == 1)
+
+    refused = await client.post("/images", data=SMALL_PNG)
+    body = await assert_problem(refused, 503, "busy")
+    assert "busy" in body["detail"]
+    assert "Retry-After" in refused.headers
+    assert not running.done()
+
+    assert (await running).status == 201
+    assert (await queued).status == 201
+    listed = await (await client.get("/images")).json()
+    assert len(listed) == 2
+
+
+async def test_image_needing_more_memory_than_a_worker_may_use_is_413(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(worker_memory_mb=160)
+    (worker,) = converter(client).worker_pids()
+    # 36 megapixels, under the pixel limit, but about 150 MB per decoded copy.
+    data = samples.encode(Image.new("RGB", (6000, 6000), samples.RED), "PNG")
+    body = await assert_problem(await client.post("/images", data=data), 413, "too-much-memory")
+    assert "memory" in body["detail"]
+    assert_nothing_stored(storage)
+    assert converter(client).worker_pids() == [worker]
+    assert (await client.post("/images", data=SMALL_PNG)).status == 201

@@ -1,0 +1,181 @@
+"""The server as a process: run.py starts, serves, drains and stops; kill -9 loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import samples
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Server:
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(30):
+            return await self.process.wait()
+
+
+_started: list[asyncio.subprocess.Process] = []
+
+
+@pytest.fixture(autouse=True)
+async def stop_servers_left_running() -> AsyncIterator[None]:
+    yield
+    while _started:
+        process = _started.pop()
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+async def start_server(storage: Path, *flags: str) -> Server:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "run.py",
+        "--port",
+        "0",
+        "--storage",
+        str(storage),
+        "--workers",
+        "1",
+        *flags,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, to find stray workers afterwards
+    )
+    _started.append(process)
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await process.stdout.readline()).decode()
+    match = re.fullmatch(r"asgilook-aiohttp listening on (http://127\.0\.0\.1:\d+)\n", line)
+    assert match, line
+    return Server(process, match.group(1))
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Fields after the parenthesised command name: state, ppid, pgrp, ...
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def upload(session: aiohttp.ClientSession, server: Server, data: bytes) -> dict[str, str]:
+    async with session.post(f"{server.url}/images", data=data) as response:
+        assert response.status == 201
+        image: dict[str, str] = await response.json()
+        return image
+
+
+async def download(session: aiohttp.ClientSession, server: Server, path: str) -> bytes:
+    async with session.get(f"{server.url}{path}") as response:
+        assert response.status == 200
+        return await response.read()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serves_then_exits_0_on_signal_leaving_no_processes(
+    tmp_path: Path, session: aiohttp.ClientSession, signum: int
+) -> None:
+    server = await start_server(tmp_path / "storage")
+    image = await upload(session, server, samples.encode(samples.two_tone(), "PNG"))
+    assert await download(session, server, image["image"])
+    server.signal(signum)
+    assert await server.exit_code() == 0
+    await asyncio.sleep(0.2)  # the fork server notices its parent is gone
+    assert processes_in_group(server.process.pid) == []
+
+
+async def test_sigterm_lets_an_upload_in_flight_finish(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage)
+    data = samples.encode(samples.photo((800, 600)), "PNG")
+
+    async def body_interrupted_by_sigterm() -> AsyncIterator[bytes]:
+        yield data[:1000]
+        await asyncio.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        yield data[1000:]
+
+    async with session.post(f"{server.url}/images", data=body_interrupted_by_sigterm()) as reply:
+        assert reply.status == 201
+        image = await reply.json()
+    assert await server.exit_code() == 0
+
+    restarted = await start_server(storage)
+    try:
+        assert await (await session.get(f"{restarted.url}/images")).json() == [image]
+    finally:
+        restarted.signal(signal.SIGTERM)
+        assert await restarted.exit_code() == 0
+
+
+async def test_acknowledged_uploads_survive_kill_9(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage)
+    stored = {}
+    for fmt in ("PNG", "JPEG"):
+        image = await upload(session, server, samples.encode(samples.two_tone(), fmt))
+        stored[image["image"]] = await download(session, server, image["image"])
+    os.killpg(server.process.pid, signal.SIGKILL)
+    assert await server.exit_code() == -signal.SIGKILL
+
+    restarted = await start_server(storage)
+    try:
+        listed = await (await session.get(f"{restarted.url}/images")).json()
+        assert [image["image"] for image in listed] == list(stored)
+        for path, image_bytes in stored.items():
+            assert await download(session, restarted, path) == image_bytes
+    finally:
+        restarted.signal(signal.SIGTERM)
+        assert await restarted.exit_code() == 0
+
+
+async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "run.py",
+        "--workers",
+        "0",
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert b"--workers: must be at least 1" in stderr

@@ -1,0 +1,187 @@
+"""Uploads of every common format, each downloaded again and decoded."""
+
+from __future__ import annotations
+
+import re
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from PIL import Image
+
+import samples
+from checks import Client, stored_files
+
+UUID = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+async def upload_and_fetch(
+    client: Client, data: bytes | aiohttp.FormData, **kwargs: Any
+) -> tuple[dict[str, Any], Image.Image]:
+    """Upload, check the 201 and the download, and return the image object and the JPEG."""
+    response = await client.post("/images", data=data, **kwargs)
+    assert response.status == 201, await response.text()
+    image = await response.json()
+    assert re.fullmatch(UUID, image["id"])
+    assert response.headers["Location"] == f"/images/{image['id']}.jpeg" == image["image"]
+    parsedate_to_datetime(image["modified"])
+    assert image["modified"].endswith(" GMT")
+
+    download = await client.get(image["image"])
+    assert download.status == 200
+    assert download.content_type == "image/jpeg"
+    body = await download.read()
+    assert int(download.headers["Content-Length"]) == len(body)
+    stored = samples.decode(body)
+    assert stored.format == "JPEG"
+    assert stored.mode == "RGB"
+    assert list(stored.size) == image["size"]
+    return image, stored
+
+
+def near(pixel: Any, expected: tuple[int, int, int], tolerance: int = 12) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("PNG", {}),
+        ("JPEG", {"quality": 95}),
+        ("WEBP", {"lossless": True}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("GIF", {}),
+    ],
+)
+async def test_formats_round_trip(client: Client, fmt: str, options: dict[str, Any]) -> None:
+    data = samples.encode(samples.two_tone((64, 48)), fmt, **options)
+    image, stored = await upload_and_fetch(client, data)
+    assert image["size"] == [64, 48]
+    assert near(stored.getpixel((8, 24)), samples.RED, tolerance=24)
+    assert near(stored.getpixel((56, 24)), samples.BLUE, tolerance=24)
+
+
+async def test_animated_gif_keeps_first_frame(client: Client) -> None:
+    image, stored = await upload_and_fetch(client, samples.animated_gif())
+    assert image["size"] == [40, 30]
+    assert near(stored.getpixel((20, 15)), samples.RED, tolerance=24)
+
+
+async def test_cmyk_jpeg_becomes_rgb(client: Client) -> None:
+    cmyk = Image.new("CMYK", (50, 40), (0, 255, 255, 0))
+    _, stored = await upload_and_fetch(client, samples.encode(cmyk, "JPEG", quality=95))
+    assert near(stored.getpixel((25, 20)), (255, 0, 0))
+
+
+async def test_16_bit_grey_png_is_scaled_not_clipped(client: Client) -> None:
+    _, stored = await upload_and_fetch(client, samples.grey16_png(32768))
+    assert near(stored.getpixel((16, 12)), (128, 128, 128), tolerance=3)
+
+
+async def test_transparency_becomes_white(client: Client) -> None:
+    image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    image.paste((20, 40, 210, 255), (0, 0, 20, 40))
+    _, stored = await upload_and_fetch(client, samples.encode(image, "PNG"))
+    assert near(stored.getpixel((30, 20)), (255, 255, 255), tolerance=3)
+    assert near(stored.getpixel((10, 20)), samples.BLUE)
+
+
+async def test_palette_transparency_becomes_white(client: Client) -> None:
+    image = Image.new("P", (40, 40), 0)
+    image.putpalette([0, 0, 0, *samples.RED])
+    image.paste(1, (0, 0, 20, 40))
+    data = samples.encode(image, "GIF", transparency=0)
+    _, stored = await upload_and_fetch(client, data)
+    assert near(stored.getpixel((30, 20)), (255, 255, 255), tolerance=3)
+    assert near(stored.getpixel((10, 20)), samples.RED, tolerance=24)
+
+
+async def test_exif_rotation_is_applied_and_metadata_removed(client: Client, storage: Path) -> None:
+    # Orientation 6: the camera was turned a quarter clockwise; viewers rotate to show it.
+    original = samples.two_tone((64, 48))
+    data = samples.encode(original, "JPEG", quality=95, exif=samples.exif_with_gps(6))
+    image, stored = await upload_and_fetch(client, data)
+    assert image["size"] == [48, 64]
+    assert near(stored.getpixel((24, 8)), samples.RED, tolerance=24)
+    assert near(stored.getpixel((24, 56)), samples.BLUE, tolerance=24)
+    assert dict(stored.getexif()) == {}
+    on_disk = (storage / stored_files(storage)[0]).read_bytes()
+    assert b"Exif" not in on_disk
+
+
+async def test_icc_profile_is_kept_when_reencoding(client: Client) -> None:
+    profile = samples.srgb_profile()
+    data = samples.encode(samples.two_tone(), "PNG", icc_profile=profile)
+    _, stored = await upload_and_fetch(client, data)
+    assert stored.info.get("icc_profile") == profile
+
+
+async def test_upright_jpeg_keeps_its_pixels_and_profile_but_loses_metadata(
+    client: Client,
+) -> None:
+    profile = samples.srgb_profile()
+    data = samples.encode(
+        samples.photo((320, 240)),
+        "JPEG",
+        quality=85,
+        icc_profile=profile,
+        exif=samples.exif_with_gps(1),
+        comment=b"taken at home",
+        xmp=b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret place</x:xmpmeta>",
+    )
+    _, stored = await upload_and_fetch(client, data)
+    assert stored.tobytes() == samples.decode(data).tobytes()
+    assert stored.info.get("icc_profile") == profile
+    assert dict(stored.getexif()) == {}
+    assert "comment" not in stored.info
+    assert "xmp" not in stored.info
+
+
+async def test_progressive_jpeg_is_stored_without_reencoding(client: Client) -> None:
+    data = samples.encode(samples.photo((320, 240)), "JPEG", quality=80, progressive=True)
+    _, stored = await upload_and_fetch(client, data)
+    assert stored.tobytes() == samples.decode(data).tobytes()
+
+
+async def test_greyscale_jpeg_is_stored_as_rgb(client: Client) -> None:
+    data = samples.encode(Image.new("L", (30, 20), 90), "JPEG")
+    _, stored = await upload_and_fetch(client, data)
+    assert near(stored.getpixel((15, 10)), (90, 90, 90), tolerance=3)
+
+
+async def test_multipart_part_named_image(client: Client) -> None:
+    form = aiohttp.FormData()
+    form.add_field("title", "holiday")
+    form.add_field("other", samples.encode(samples.two_tone((10, 10)), "PNG"), filename="x.png")
+    form.add_field("image", samples.encode(samples.two_tone((30, 20)), "PNG"), filename="y.png")
+    image, _ = await upload_and_fetch(client, form)
+    assert image["size"] == [30, 20]
+
+
+async def test_multipart_first_file_part_without_image_name(client: Client) -> None:
+    form = aiohttp.FormData()
+    form.add_field("title", "holiday")
+    form.add_field("photo", samples.encode(samples.two_tone((30, 20)), "PNG"), filename="a.png")
+    form.add_field("second", samples.encode(samples.two_tone((10, 10)), "PNG"), filename="b.png")
+    image, _ = await upload_and_fetch(client, form)
+    assert image["size"] == [30, 20]
+
+
+async def test_multipart_leaves_only_the_stored_image(client: Client, storage: Path) -> None:
+    form = aiohttp.FormData()
+    form.add_field("first", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
+    form.add_field("image", samples.encode(samples.two_tone(), "PNG"), filename="b.png")
+    response = await client.post("/images", data=form)
+    image = await response.json()
+    assert stored_files(storage) == [
+        f"images/{image['id'][:2]}/{image['id'][2:4]}/{image['id']}.jpeg"
+    ]
+
+
+async def test_content_type_of_a_raw_upload_does_not_matter(client: Client) -> None:
+    data = samples.encode(samples.two_tone(), "PNG")
+    image, _ = await upload_and_fetch(client, data, headers={"Content-Type": "text/plain"})
+    assert image["size"] == [64, 48]
