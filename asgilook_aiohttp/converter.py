@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -75,9 +75,18 @@ class _Lane:
         # Starting the process now, not at the first upload, also tells us its pid.
         self.pid = await loop.run_in_executor(self._executor, os.getpid)
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+    async def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Hand a job to the worker, replacing the worker first if it died while idle."""
+        if self._executor is not None and self.is_alive():
+            with contextlib.suppress(BrokenProcessPool):
+                return asyncio.wrap_future(self._executor.submit(fn, *args))
+        await self.restart()
         assert self._executor is not None
-        return self._executor.submit(fn, *args)
+        return asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
 
     def kill(self) -> None:
         if self.pid is not None:
@@ -116,8 +125,6 @@ class Converter:
             self._idle.put_nowait(lane)
 
     async def close(self) -> None:
-        for rebuild in self._rebuilds:
-            rebuild.cancel()
         await asyncio.gather(*self._rebuilds, return_exceptions=True)
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
 
@@ -134,8 +141,17 @@ class Converter:
     def worker_pids(self) -> list[int]:
         return [lane.pid for lane in self._lanes if lane.pid is not None]
 
-    def is_working(self) -> bool:
-        """At least one worker is alive to take jobs."""
+    async def is_working(self) -> bool:
+        """At least one worker can take jobs; idle workers found dead are replaced first."""
+        for _ in range(self._idle.qsize()):
+            lane = self._idle.get_nowait()
+            try:
+                if not lane.is_alive():
+                    await lane.restart()
+            except (OSError, BrokenProcessPool):
+                _log.exception("could not restart a conversion worker")
+            finally:
+                self._idle.put_nowait(lane)
         return any(lane.is_alive() for lane in self._lanes)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -154,7 +170,12 @@ class Converter:
             lane = await self._idle.get()
         finally:
             self._waiting -= 1
-        job = asyncio.wrap_future(lane.submit(fn, *args))
+        try:
+            job = await lane.submit(fn, *args)
+        except (OSError, BrokenProcessPool):
+            self._idle.put_nowait(lane)
+            _log.exception("could not start a conversion worker")
+            raise WorkerLost("no conversion worker could be started") from None
         # The lane is free again only when its process is, whatever happens to this task.
         job.add_done_callback(lambda done: self._job_done(lane, done))
         finished, _ = await asyncio.wait({job}, timeout=self._timeout)
@@ -177,13 +198,10 @@ class Converter:
             self._idle.put_nowait(lane)
 
     async def _rebuild(self, lane: _Lane) -> None:
-        await lane.stop()
-        while True:
-            try:
-                await lane.start()
-            except OSError:
-                _log.exception("could not start a conversion worker; trying again")
-                await asyncio.sleep(RETRY_AFTER_SECONDS)
-            else:
-                break
-        self._idle.put_nowait(lane)
+        try:
+            await lane.restart()
+        except (OSError, BrokenProcessPool):
+            # The lane goes back all the same: its next job tries to start it again.
+            _log.exception("could not restart a conversion worker")
+        finally:
+            self._idle.put_nowait(lane)

@@ -32,6 +32,8 @@ CREATE TABLE images (
 CREATE TABLE pending (id TEXT PRIMARY KEY);
 """
 _COLUMNS = "id, uploaded, width, height, bytes, sha256"
+CURSOR_QUERY = "SELECT seq FROM images WHERE id = ?"
+PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
 
 
 @dataclass(frozen=True)
@@ -137,14 +139,11 @@ class Index:
         def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
             start = 0
             if after is not None:
-                row = db.execute("SELECT seq FROM images WHERE id = ?", (after,)).fetchone()
+                row = db.execute(CURSOR_QUERY, (after,)).fetchone()
                 if row is None:
                     raise UnknownCursor(after)
                 start = row[0]
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?",
-                (start, limit + 1),
-            ).fetchall()
+            rows = db.execute(PAGE_QUERY, (start, limit + 1)).fetchall()
             return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit
 
         return await self._call(page)

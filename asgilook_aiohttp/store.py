@@ -122,6 +122,6 @@ class Store:
         problems = []
         if not await self._blobs.is_writable():
             problems.append(f"the storage directory {self._config.storage_path} is not writable")
-        if not self.converter.is_working():
+        if not await self.converter.is_working():
             problems.append("no conversion worker is running")
         return problems

@@ -15,7 +15,14 @@ from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.keys import STORE
 
 import samples
-from checks import Client, ClientFactory, assert_nothing_stored, assert_problem, until
+from checks import (
+    Client,
+    ClientFactory,
+    assert_nothing_stored,
+    assert_problem,
+    process_exists,
+    until,
+)
 
 SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 
@@ -32,14 +39,6 @@ def converter(client: Client) -> Converter:
 
 async def wait_until_busy(client: Client, workers: int = 1) -> None:
     await until(lambda: converter(client).busy >= workers)
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_conversion_runs_in_a_worker_process(client: Client) -> None:

@@ -1,0 +1,58 @@
+"""Liveness and readiness, as a load balancer or systemd would ask."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from asgilook_aiohttp.keys import STORE
+
+import samples
+from checks import Client, assert_problem, process_exists, until
+
+
+async def test_alive(client: Client) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "alive"}
+    assert (await client.head("/healthz")).status == 200
+
+
+async def test_ready(client: Client) -> None:
+    response = await client.get("/readyz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready"}
+
+
+async def test_not_ready_while_storage_cannot_be_written(client: Client, storage: Path) -> None:
+    # Root ignores permission bits, so put a file where the staging directory should be.
+    staging = storage / "staging"
+    shutil.rmtree(staging)
+    staging.write_text("not a directory")
+    body = await assert_problem(await client.get("/readyz"), 503, "not-ready")
+    assert "not writable" in body["detail"]
+
+    staging.unlink()
+    staging.mkdir()
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_an_idle_worker_that_died_is_replaced_and_ready(client: Client) -> None:
+    converter = client.app[STORE].converter
+    (worker,) = converter.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    await until(lambda: not process_exists(worker))
+    assert (await client.get("/readyz")).status == 200
+    (replacement,) = converter.worker_pids()
+    assert replacement != worker
+    assert process_exists(replacement)
+
+
+async def test_an_upload_after_an_idle_worker_died_succeeds(client: Client) -> None:
+    (worker,) = client.app[STORE].converter.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    await until(lambda: not process_exists(worker))
+    response = await client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
+    assert response.status == 201
