@@ -68,38 +68,22 @@ class Config:
         return cls(**values)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, not {value}")
-    return value
+def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if high is None and value < low:
+            raise ValueError(f"must be at least {low}, not {value}")
+        if high is not None and not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}, not {value}")
+        return value
 
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must not be negative, not {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a port number from 0 to 65535, not {value}")
-    return value
+    return parse
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError(f"must be a number of seconds above 0, not {text}")
-    return value
-
-
-def _quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 95:
-        raise ValueError(f"must be from 1 to 95, not {value}")
     return value
 
 
@@ -133,7 +117,12 @@ class _Setting:
 
 _SETTINGS = (
     _Setting("host", "--host", str, "address to listen on (default 127.0.0.1)"),
-    _Setting("port", "--port", _port, "TCP port to listen on; 0 picks a free one (default 8000)"),
+    _Setting(
+        "port",
+        "--port",
+        _whole_number(0, 65535),
+        "TCP port to listen on; 0 picks a free one (default 8000)",
+    ),
     _Setting(
         "storage_path",
         "--storage",
@@ -142,11 +131,11 @@ _SETTINGS = (
         "else $XDG_DATA_HOME/asgilook-aiohttp, else ~/.local/share/asgilook-aiohttp)",
         env=("ASGI_LOOK_STORAGE_PATH",),
     ),
-    _Setting("workers", "--workers", _positive_int, "conversion processes (default: CPU count)"),
+    _Setting("workers", "--workers", _whole_number(1), "conversion processes (default: CPU count)"),
     _Setting(
         "queue_size",
         "--queue-size",
-        _non_negative_int,
+        _whole_number(0),
         "uploads that may wait for a free worker before new ones get 503 (default 32)",
     ),
     _Setting(
@@ -158,29 +147,32 @@ _SETTINGS = (
     _Setting(
         "worker_memory_mb",
         "--worker-memory-mb",
-        _positive_int,
+        _whole_number(1),
         "address-space cap of each worker process in MiB (default 1024)",
     ),
     _Setting(
         "max_upload_bytes",
         "--max-upload-bytes",
-        _positive_int,
+        _whole_number(1),
         "largest request body accepted, in bytes (default 33554432, 32 MiB)",
     ),
     _Setting(
         "max_pixels",
         "--max-pixels",
-        _positive_int,
+        _whole_number(1),
         "most pixels (width x height) an upload may have (default 50000000)",
     ),
     _Setting(
         "min_thumbnail_side",
         "--min-thumbnail-side",
-        _positive_int,
+        _whole_number(1),
         "smallest width or height a listed thumbnail may have (default 64)",
     ),
     _Setting(
-        "jpeg_quality", "--jpeg-quality", _quality, "quality of re-encoded JPEGs (default 90)"
+        "jpeg_quality",
+        "--jpeg-quality",
+        _whole_number(1, 95),
+        "quality of re-encoded JPEGs (default 90)",
     ),
     _Setting(
         "shutdown_timeout",

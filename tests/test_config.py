@@ -83,7 +83,7 @@ def test_tutorial_storage_variable_is_honoured_after_ours() -> None:
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
-        (["--port", "70000"], {}, "--port: must be a port number"),
+        (["--port", "70000"], {}, "--port: must be from 0 to 65535, not 70000"),
         (["--workers", "0"], {}, "--workers: must be at least 1"),
         ([], {"ASGILOOK_WORKERS": "many"}, "ASGILOOK_WORKERS='many'"),
         ([], {"ASGILOOK_CONVERSION_TIMEOUT": "0"}, "must be a number of seconds above 0"),

@@ -152,22 +152,23 @@ async def test_greyscale_jpeg_is_stored_as_rgb(client: Client) -> None:
     assert near(stored.getpixel((15, 10)), (90, 90, 90), tolerance=3)
 
 
-async def test_multipart_part_named_image(client: Client) -> None:
+@pytest.mark.parametrize(
+    ("names", "chosen"),
+    [
+        (("other", "image"), 1),  # the part named "image" wins, wherever it is
+        (("photo", "second"), 0),  # else the first file part
+    ],
+)
+async def test_multipart_chooses_the_image_part(
+    client: Client, names: tuple[str, str], chosen: int
+) -> None:
+    sizes = [(30, 20), (10, 12)]
     form = aiohttp.FormData()
     form.add_field("title", "holiday")
-    form.add_field("other", samples.encode(samples.two_tone((10, 10)), "PNG"), filename="x.png")
-    form.add_field("image", samples.encode(samples.two_tone((30, 20)), "PNG"), filename="y.png")
+    for name, size in zip(names, sizes, strict=True):
+        form.add_field(name, samples.encode(samples.two_tone(size), "PNG"), filename=f"{name}.png")
     image, _ = await upload_and_fetch(client, form)
-    assert image["size"] == [30, 20]
-
-
-async def test_multipart_first_file_part_without_image_name(client: Client) -> None:
-    form = aiohttp.FormData()
-    form.add_field("title", "holiday")
-    form.add_field("photo", samples.encode(samples.two_tone((30, 20)), "PNG"), filename="a.png")
-    form.add_field("second", samples.encode(samples.two_tone((10, 10)), "PNG"), filename="b.png")
-    image, _ = await upload_and_fetch(client, form)
-    assert image["size"] == [30, 20]
+    assert image["size"] == list(sizes[chosen])
 
 
 async def test_multipart_leaves_only_the_stored_image(client: Client, storage: Path) -> None:
