@@ -6,14 +6,16 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import caching
 from .config import Config
 from .errors import problem_middleware
 from .inflight import InFlight
 from .keys import CONFIG, IN_FLIGHT, STORE
 from .store import Store
-from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness
+from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness, Thumbnail
 
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_SIDE = "[1-9][0-9]{0,5}"
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -30,10 +32,16 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[IN_FLIGHT] = in_flight
+    app.on_response_prepare.append(caching.restore_validators)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}", ImageItem, name="image")
+    app.router.add_view(
+        f"/thumbnails/{{image_id:{_UUID}}}/{{width:{_SIDE}}}x{{height:{_SIDE}}}.jpeg",
+        Thumbnail,
+        name="thumbnail",
+    )
     app.router.add_view("/healthz", Health, name="health")
     app.router.add_view("/readyz", Readiness, name="readiness")
     return app

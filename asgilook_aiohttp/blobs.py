@@ -3,6 +3,7 @@
 Layout under the storage root::
 
     images/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg
+    thumbnails/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c/231x231.jpeg
     staging/<random>.upload and <random>.jpeg   (work in progress, swept at start-up)
 
 Two levels of two hex digits keep every directory small (about 15 entries each at a
@@ -13,7 +14,9 @@ its bytes are fsynced, so a reader never sees a partial file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterable
 from pathlib import Path
@@ -40,6 +43,7 @@ def _fsync_directory(path: Path) -> None:
 class Blobs:
     def __init__(self, root: Path) -> None:
         self._images = root / "images"
+        self._thumbnails = root / "thumbnails"
         self._staging = root / "staging"
 
     def open(self) -> None:
@@ -51,6 +55,12 @@ class Blobs:
 
     def path(self, image_id: str) -> Path:
         return self._images / image_id[:2] / image_id[2:4] / f"{image_id}.jpeg"
+
+    def _thumbnail_directory(self, image_id: str) -> Path:
+        return self._thumbnails / image_id[:2] / image_id[2:4] / image_id
+
+    def thumbnail_path(self, image_id: str, width: int, height: int) -> Path:
+        return self._thumbnail_directory(image_id) / f"{width}x{height}.jpeg"
 
     def staging_path(self, suffix: str) -> Path:
         return self._staging / f"{uuid.uuid4().hex}{suffix}"
@@ -72,9 +82,9 @@ class Blobs:
     async def discard(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
-    async def commit(self, staged: Path, image_id: str) -> None:
+    async def commit(self, staged: Path, final: Path) -> None:
         """Move a fsynced staging file to its final place, durably."""
-        await asyncio.to_thread(self._commit, staged, self.path(image_id))
+        await asyncio.to_thread(self._commit, staged, final)
 
     def _commit(self, staged: Path, final: Path) -> None:
         created = self._make_parents(final.parent)
@@ -92,8 +102,22 @@ class Blobs:
             new.mkdir(exist_ok=True)
         return created
 
+    async def discard_thumbnail(self, path: Path) -> None:
+        """Remove a thumbnail file, and its image's directory if that leaves it empty."""
+        await asyncio.to_thread(self._discard_thumbnail, path)
+
+    def _discard_thumbnail(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            path.parent.rmdir()
+
     async def delete(self, image_id: str) -> None:
-        await asyncio.to_thread(self.path(image_id).unlink, missing_ok=True)
+        """Remove an image's file and all its thumbnails."""
+        await asyncio.to_thread(self._delete, image_id)
+
+    def _delete(self, image_id: str) -> None:
+        self.path(image_id).unlink(missing_ok=True)
+        shutil.rmtree(self._thumbnail_directory(image_id), ignore_errors=True)
 
     async def is_writable(self) -> bool:
         return await asyncio.to_thread(self._probe)

@@ -46,6 +46,7 @@ class Config:
     max_upload_bytes: int = 32 * MiB
     max_pixels: int = 50_000_000
     min_thumbnail_side: int = 64
+    thumbnail_budget_mb: int = 1024
     jpeg_quality: int = 90
     shutdown_timeout: float = 30.0
 
@@ -167,6 +168,13 @@ _SETTINGS = (
         "--min-thumbnail-side",
         _whole_number(1),
         "smallest width or height a listed thumbnail may have (default 64)",
+    ),
+    _Setting(
+        "thumbnail_budget_mb",
+        "--thumbnail-budget-mb",
+        _whole_number(1),
+        "disk space kept thumbnails may take, in MiB; least recently served go first "
+        "(default 1024)",
     ),
     _Setting(
         "jpeg_quality",

@@ -1,4 +1,5 @@
-"""The metadata index: one SQLite row per stored image, and a journal of uploads in flight.
+"""The metadata index: a row per stored image and per kept thumbnail, and a journal of
+ids whose files are being added or removed.
 
 SQLite runs in WAL mode with ``synchronous=FULL``, so a committed row survives a crash
 of the process or of the machine. All calls go through one thread, which owns the
@@ -30,8 +31,19 @@ CREATE TABLE images (
     sha256 TEXT NOT NULL
 );
 CREATE TABLE pending (id TEXT PRIMARY KEY);
+CREATE TABLE thumbnails (
+    image_id TEXT NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (image_id, width, height)
+);
+CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
 """
 _COLUMNS = "id, uploaded, width, height, bytes, sha256"
+_THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
 CURSOR_QUERY = "SELECT seq FROM images WHERE id = ?"
 PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
 
@@ -45,6 +57,17 @@ class ImageRecord:
     height: int
     nbytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class ThumbnailRecord:
+    image_id: str
+    width: int
+    height: int
+    nbytes: int
+    sha256: str
+    last_used: int
+    """When it was last served, in whole seconds since the epoch (coarse: see ``touch``)."""
 
 
 class UnknownCursor(LookupError):
@@ -71,6 +94,7 @@ class Index:
         db = sqlite3.connect(self._path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version == 0:
             db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
@@ -147,3 +171,95 @@ class Index:
             return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit
 
         return await self._call(page)
+
+    async def delete(self, image_id: str) -> int | None:
+        """Remove an image and its thumbnails, journaling its id until its files are gone.
+
+        Returns the bytes its thumbnails took, or None if there was no such image.
+        """
+
+        def delete(db: sqlite3.Connection) -> int | None:
+            with db:
+                db.execute("BEGIN")
+                (thumbnail_bytes,) = db.execute(
+                    "SELECT coalesce(sum(bytes), 0) FROM thumbnails WHERE image_id = ?",
+                    (image_id,),
+                ).fetchone()
+                if not db.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount:
+                    return None
+                db.execute("INSERT OR IGNORE INTO pending (id) VALUES (?)", (image_id,))
+            return int(thumbnail_bytes)
+
+        return await self._call(delete)
+
+    async def thumbnail(self, image_id: str, width: int, height: int) -> ThumbnailRecord | None:
+        def thumbnail(db: sqlite3.Connection) -> ThumbnailRecord | None:
+            row = db.execute(
+                f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
+                "WHERE image_id = ? AND width = ? AND height = ?",
+                (image_id, width, height),
+            ).fetchone()
+            return ThumbnailRecord(*row) if row else None
+
+        return await self._call(thumbnail)
+
+    async def add_thumbnail(self, record: ThumbnailRecord) -> bool:
+        """Record a thumbnail whose file is in place; False if its image is gone."""
+
+        def add(db: sqlite3.Connection) -> bool:
+            try:
+                db.execute(
+                    f"INSERT OR REPLACE INTO thumbnails ({_THUMBNAIL_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.image_id,
+                        record.width,
+                        record.height,
+                        record.nbytes,
+                        record.sha256,
+                        record.last_used,
+                    ),
+                )
+            except sqlite3.IntegrityError:  # the image was deleted meanwhile
+                return False
+            return True
+
+        return await self._call(add)
+
+    async def touch_thumbnail(self, record: ThumbnailRecord, now: int) -> None:
+        await self._call(
+            lambda db: db.execute(
+                "UPDATE thumbnails SET last_used = ? "
+                "WHERE image_id = ? AND width = ? AND height = ?",
+                (now, record.image_id, record.width, record.height),
+            )
+        )
+
+    async def thumbnail_bytes(self) -> int:
+        def total(db: sqlite3.Connection) -> int:
+            return int(db.execute("SELECT coalesce(sum(bytes), 0) FROM thumbnails").fetchone()[0])
+
+        return await self._call(total)
+
+    async def evict_thumbnails(self, at_least: int, keep: ThumbnailRecord) -> list[ThumbnailRecord]:
+        """Forget the least recently used thumbnails that free ``at_least`` bytes, but not
+        ``keep``, the one about to be served."""
+
+        def evict(db: sqlite3.Connection) -> list[ThumbnailRecord]:
+            evicted: list[ThumbnailRecord] = []
+            freed = 0
+            with db:
+                db.execute("BEGIN")
+                rows = db.execute(f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails ORDER BY last_used")
+                for row in rows.fetchmany(10_000):
+                    if freed >= at_least:
+                        break
+                    evicted.append(ThumbnailRecord(*row))
+                    freed += evicted[-1].nbytes
+                db.executemany(
+                    "DELETE FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
+                    [(r.image_id, r.width, r.height) for r in evicted],
+                )
+            return evicted
+
+        return await self._call(evict)

@@ -1,8 +1,10 @@
-"""The Store: the one place that knows an image is a file plus an index row.
+"""The Store: the one place that knows an image is a file plus an index row (and its
+thumbnails, likewise).
 
 An upload is staged to disk, converted in a worker into a second staging file, journaled
 as pending, moved into place and only then recorded in the index. A crash at any point
-leaves either nothing visible or a complete image; ``open`` clears what a crash left.
+leaves either nothing visible or a complete image. A deletion removes the row first and
+journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from . import imaging
 from .blobs import Blobs
 from .config import Config, MiB
 from .converter import Converter
-from .index import ImageRecord, Index
+from .index import ImageRecord, Index, ThumbnailRecord
+from .thumbnails import Thumbnails, thumbnail_sizes
 
 INDEX_FILE = "index.sqlite3"
 
@@ -33,11 +36,19 @@ class Staged:
 
 
 class Store:
-    def __init__(self, config: Config, index: Index, blobs: Blobs, converter: Converter) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: Index,
+        blobs: Blobs,
+        converter: Converter,
+        thumbnails: Thumbnails,
+    ) -> None:
         self._config = config
         self._index = index
         self._blobs = blobs
         self.converter = converter
+        self._thumbnails = thumbnails
 
     @classmethod
     @asynccontextmanager
@@ -58,8 +69,16 @@ class Store:
                 memory_limit_bytes=config.worker_memory_mb * MiB,
             )
             await converter.start()
+            thumbnails = Thumbnails(
+                index,
+                blobs,
+                converter,
+                budget_bytes=config.thumbnail_budget_mb * MiB,
+                quality=config.jpeg_quality,
+            )
             try:
-                yield cls(config, index, blobs, converter)
+                await thumbnails.open()
+                yield cls(config, index, blobs, converter, thumbnails)
             finally:
                 await converter.close()
         finally:
@@ -101,7 +120,7 @@ class Store:
     async def _publish(self, converted_path: Path, record: ImageRecord) -> None:
         await self._index.add_pending(record.id)
         try:
-            await self._blobs.commit(converted_path, record.id)
+            await self._blobs.commit(converted_path, self._blobs.path(record.id))
             await self._index.add(record)
         except Exception:
             await self._blobs.delete(record.id)
@@ -116,6 +135,32 @@ class Store:
 
     def file_path(self, record: ImageRecord) -> Path:
         return self._blobs.path(record.id)
+
+    async def delete(self, image_id: str) -> bool:
+        """Remove an image with its thumbnails and files; False if there was none."""
+        # Finish even if the client goes: the index row is gone, the files must follow.
+        return await asyncio.shield(self._delete(image_id))
+
+    async def _delete(self, image_id: str) -> bool:
+        thumbnail_bytes = await self._index.delete(image_id)
+        if thumbnail_bytes is None:
+            return False
+        self._thumbnails.forget(thumbnail_bytes)
+        await self._blobs.delete(image_id)
+        await self._index.drop_pending(image_id)
+        return True
+
+    def thumbnail_sizes(self, record: ImageRecord) -> list[tuple[int, int]]:
+        return thumbnail_sizes(record.width, record.height, self._config.min_thumbnail_side)
+
+    async def thumbnail(
+        self, record: ImageRecord, width: int, height: int
+    ) -> ThumbnailRecord | None:
+        """A thumbnail of a listed size, made if need be; None if the image is gone."""
+        return await self._thumbnails.get(record, width, height)
+
+    def thumbnail_path(self, thumbnail: ThumbnailRecord) -> Path:
+        return self._thumbnails.path(thumbnail)
 
     async def readiness_problems(self) -> list[str]:
         """Why the store cannot take uploads now; empty when it can."""

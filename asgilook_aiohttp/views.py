@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import uploads
+from . import caching, uploads
 from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from .errors import Problem, bad_request, not_found
 from .index import ImageRecord, UnknownCursor
@@ -38,11 +38,16 @@ class _Resource(web.View):
 
     def image_object(self, record: ImageRecord) -> dict[str, Any]:
         router = self.request.app.router
+        thumbnail = router["thumbnail"]
         return {
             "id": record.id,
             "image": str(router["image-file"].url_for(image_id=record.id)),
             "modified": formatdate(record.uploaded, usegmt=True),
             "size": [record.width, record.height],
+            "thumbnails": [
+                str(thumbnail.url_for(image_id=record.id, width=str(w), height=str(h)))
+                for w, h in self.store.thumbnail_sizes(record)
+            ],
         }
 
 
@@ -56,7 +61,9 @@ class ImageCollection(_Resource):
                 "unknown-cursor",
                 f"after={after} names no stored image; start again without 'after'",
             ) from None
-        response = web.json_response([self.image_object(record) for record in records])
+        response = caching.json_response(
+            self.request, [self.image_object(record) for record in records]
+        )
         if more:
             next_page = (
                 self.request.app.router["images"]
@@ -76,14 +83,44 @@ class ImageCollection(_Resource):
 
 class ImageItem(_Resource):
     async def get(self) -> web.StreamResponse:
-        return web.json_response(self.image_object(await self.record()))
+        return caching.json_response(self.request, self.image_object(await self.record()))
+
+    async def delete(self) -> web.StreamResponse:
+        image_id = self.request.match_info["image_id"]
+        if not await self.store.delete(image_id):
+            raise not_found(f"there is no image with id {image_id}")
+        return web.Response(status=204)
 
 
 class ImageFile(_Resource):
     async def get(self) -> web.StreamResponse:
         record = await self.record()
-        return web.FileResponse(
-            self.store.file_path(record), headers={"Content-Type": "image/jpeg"}
+        return caching.file_response(
+            self.request,
+            self.store.file_path(record),
+            record.nbytes,
+            caching.validators(record.sha256, record.uploaded),
+        )
+
+
+class Thumbnail(_Resource):
+    async def get(self) -> web.StreamResponse:
+        record = await self.record()
+        width = int(self.request.match_info["width"])
+        height = int(self.request.match_info["height"])
+        if (width, height) not in self.store.thumbnail_sizes(record):
+            raise not_found(
+                f"image {record.id} has no {width}x{height} thumbnail; "
+                "its image object lists the sizes it has"
+            )
+        thumbnail = await self.store.thumbnail(record, width, height)
+        if thumbnail is None:
+            raise not_found(f"there is no image with id {record.id}")
+        return caching.file_response(
+            self.request,
+            self.store.thumbnail_path(thumbnail),
+            thumbnail.nbytes,
+            caching.validators(thumbnail.sha256, record.uploaded),
         )
 
 

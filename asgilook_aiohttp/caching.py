@@ -1,0 +1,157 @@
+"""HTTP caching: content-derived validators, conditional requests and byte ranges.
+
+Validators come from the bytes (a SHA-256 kept in the index) and the upload time, never
+from the file system, so every server holding a copy of the storage answers alike.
+Preconditions (RFC 9110 section 13) and range checks are decided here; aiohttp's
+``FileResponse`` is then used only to send the chosen bytes with sendfile, given a copy
+of the request without the headers it would otherwise judge by the file's mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETAG_ANY
+
+from .errors import Problem
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "no-cache"
+
+_CONDITIONAL_HEADERS = (
+    hdrs.IF_MATCH,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_UNMODIFIED_SINCE,
+    hdrs.IF_RANGE,
+)
+
+
+@dataclass(frozen=True)
+class Validators:
+    etag: str
+    """The entity tag's value, without quotes."""
+    last_modified: int
+    """Seconds since the epoch."""
+
+
+def validators(sha256: str, last_modified: int) -> Validators:
+    return Validators(sha256[:32], last_modified)
+
+
+def _matches(request: web.Request, header: str, etag: str, *, weak: bool) -> bool:
+    tags = request.if_match if header == hdrs.IF_MATCH else request.if_none_match
+    assert tags is not None
+    return any(tag.value in (etag, ETAG_ANY) and (weak or not tag.is_weak) for tag in tags)
+
+
+def _precondition(request: web.Request, found: Validators, headers: dict[str, str]) -> None:
+    """Raise the 412 or the 304 that a GET's preconditions call for, if any."""
+    if hdrs.IF_MATCH in request.headers:
+        if not _matches(request, hdrs.IF_MATCH, found.etag, weak=False):
+            raise _precondition_failed("If-Match")
+    elif (since := request.if_unmodified_since) and found.last_modified > since.timestamp():
+        raise _precondition_failed("If-Unmodified-Since")
+
+    if hdrs.IF_NONE_MATCH in request.headers:
+        fresh = _matches(request, hdrs.IF_NONE_MATCH, found.etag, weak=True)
+    else:
+        since = request.if_modified_since
+        fresh = since is not None and found.last_modified <= since.timestamp()
+    if fresh:
+        raise web.HTTPNotModified(headers=_stamp(headers, found))
+
+
+def _precondition_failed(header: str) -> Problem:
+    return Problem(
+        412, "precondition-failed", f"the {header} condition does not hold for this resource"
+    )
+
+
+def _stamp(headers: dict[str, str], found: Validators) -> dict[str, str]:
+    return {
+        **headers,
+        hdrs.ETAG: f'"{found.etag}"',
+        hdrs.LAST_MODIFIED: formatdate(found.last_modified, usegmt=True),
+    }
+
+
+def json_response(request: web.Request, data: Any, cache_control: str = REVALIDATE) -> web.Response:
+    """A JSON answer with an ETag of its own bytes, or 304 if the client has them."""
+    body = json.dumps(data).encode()
+    etag = hashlib.sha256(body).hexdigest()[:32]
+    headers = {hdrs.CACHE_CONTROL: cache_control, hdrs.ETAG: f'"{etag}"'}
+    if hdrs.IF_NONE_MATCH in request.headers and _matches(
+        request, hdrs.IF_NONE_MATCH, etag, weak=True
+    ):
+        raise web.HTTPNotModified(headers=headers)
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def file_response(
+    request: web.Request, path: Path, size: int, found: Validators
+) -> web.StreamResponse:
+    """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for."""
+    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.CONTENT_TYPE: "image/jpeg"}
+    _precondition(request, found, headers)
+    keep_range = hdrs.RANGE in request.headers and _if_range_holds(request, found)
+    if keep_range and not _satisfiable(request, size):
+        raise Problem(
+            416,
+            "range-not-satisfiable",
+            f"the image has {size} bytes; ask for a range that starts within them",
+            {hdrs.CONTENT_RANGE: f"bytes */{size}", **_stamp(headers, found)},
+        )
+    return _StoredFile(path, found, keep_range, _stamp(headers, found))
+
+
+def _if_range_holds(request: web.Request, found: Validators) -> bool:
+    condition = request.headers.get(hdrs.IF_RANGE)
+    if condition is None:
+        return True
+    if condition.startswith('"'):
+        return condition == f'"{found.etag}"'
+    if condition.startswith("W/"):
+        return False  # a weak tag never allows a range
+    date = request.if_range
+    return date is not None and int(date.timestamp()) == found.last_modified
+
+
+def _satisfiable(request: web.Request, size: int) -> bool:
+    try:
+        requested = request.http_range
+    except ValueError:
+        return True  # a Range we cannot read is ignored: the whole image is sent
+    return requested.start is None or requested.start < size
+
+
+class _StoredFile(web.FileResponse):
+    def __init__(
+        self, path: Path, found: Validators, keep_range: bool, headers: dict[str, str]
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._found = found
+        self._keep_range = keep_range
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = request.headers.copy()
+        for name in _CONDITIONAL_HEADERS:
+            headers.popall(name, None)
+        if not self._keep_range:
+            headers.popall(hdrs.RANGE, None)
+        return await super().prepare(request.clone(headers=headers))
+
+
+async def restore_validators(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: put back the content validators that FileResponse replaced
+    with ones made from the file's mtime and size."""
+    if isinstance(response, _StoredFile):
+        response.etag = response._found.etag
+        response.last_modified = response._found.last_modified
