@@ -99,17 +99,29 @@ def file_response(
     request: web.Request, path: Path, size: int, found: Validators
 ) -> web.StreamResponse:
     """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for."""
-    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE, hdrs.CONTENT_TYPE: "image/jpeg"}
+    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE}
     _precondition(request, found, headers)
-    keep_range = hdrs.RANGE in request.headers and _if_range_holds(request, found)
-    if keep_range and not _satisfiable(request, size):
+    keep_range = _range_applies(request, size, found)
+    headers = {**_stamp(headers, found), hdrs.CONTENT_TYPE: "image/jpeg"}
+    return _StoredFile(path, found, keep_range, headers)
+
+
+def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
+    """Whether to answer with the part the Range header asks for; 416 if there is none."""
+    if hdrs.RANGE not in request.headers or not _if_range_holds(request, found):
+        return False
+    try:
+        requested = request.http_range
+    except ValueError:
+        return False  # a Range we cannot read (several ranges, other units) is ignored
+    if requested.start is not None and requested.start >= size:
         raise Problem(
             416,
             "range-not-satisfiable",
             f"the image has {size} bytes; ask for a range that starts within them",
-            {hdrs.CONTENT_RANGE: f"bytes */{size}", **_stamp(headers, found)},
+            {hdrs.CONTENT_RANGE: f"bytes */{size}"},
         )
-    return _StoredFile(path, found, keep_range, _stamp(headers, found))
+    return True
 
 
 def _if_range_holds(request: web.Request, found: Validators) -> bool:
@@ -122,14 +134,6 @@ def _if_range_holds(request: web.Request, found: Validators) -> bool:
         return False  # a weak tag never allows a range
     date = request.if_range
     return date is not None and int(date.timestamp()) == found.last_modified
-
-
-def _satisfiable(request: web.Request, size: int) -> bool:
-    try:
-        requested = request.http_range
-    except ValueError:
-        return True  # a Range we cannot read is ignored: the whole image is sent
-    return requested.start is None or requested.start < size
 
 
 class _StoredFile(web.FileResponse):

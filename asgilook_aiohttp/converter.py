@@ -117,6 +117,7 @@ class Converter:
         self._timeout = timeout
         self._idle: asyncio.Queue[_Lane] = asyncio.Queue()
         self._waiting = 0
+        self._jobs_started = 0
         self._rebuilds: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -137,6 +138,11 @@ class Converter:
     def waiting(self) -> int:
         """Jobs queued for a free worker."""
         return self._waiting
+
+    @property
+    def jobs_started(self) -> int:
+        """Jobs handed to a worker since start-up."""
+        return self._jobs_started
 
     def worker_pids(self) -> list[int]:
         return [lane.pid for lane in self._lanes if lane.pid is not None]
@@ -170,6 +176,7 @@ class Converter:
             lane = await self._idle.get()
         finally:
             self._waiting -= 1
+        self._jobs_started += 1
         try:
             job = await lane.submit(fn, *args)
         except (OSError, BrokenProcessPool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 import zlib
 from typing import Any
@@ -38,10 +39,12 @@ def srgb_profile() -> bytes:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
-def photo(size: tuple[int, int] = (4000, 3000)) -> Image.Image:
-    """Photo-like content (smooth gradients and grain) that JPEG and PNG can't shrink away."""
+def photo(size: tuple[int, int] = (4000, 3000), seed: int = 0) -> Image.Image:
+    """Photo-like content (smooth gradients and grain) that JPEG and PNG can't shrink away;
+    the same for the same seed."""
     ramp = Image.linear_gradient("L").resize(size)
-    grain = Image.effect_noise(size, 40)
+    noise = random.Random(seed).randbytes(size[0] * size[1])
+    grain = Image.blend(ramp, Image.frombytes("L", size, noise), 0.3)
     return Image.merge("RGB", (ramp, grain, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
 
 

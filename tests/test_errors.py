@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -161,3 +162,27 @@ async def test_paging_errors_are_400(client: Client) -> None:
         await assert_problem(await client.get(f"/images?{query}"), 400, "bad-limit")
     for query in (f"after={MISSING_ID}", "after=nope", f"after={MISSING_ID.upper()}"):
         await assert_problem(await client.get(f"/images?{query}"), 400, "unknown-cursor")
+
+
+async def test_multipart_over_the_limit_after_a_file_part_is_413(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(max_upload_bytes=200_000)
+    form = aiohttp.FormData()
+    form.add_field("first", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
+    form.add_field("image", io.BytesIO(b"\0" * 300_000), filename="b.png")
+    await assert_problem(await client.post("/images", data=form), 413, "too-large")
+    assert_nothing_stored(storage)
+
+
+async def test_nested_multipart_is_400(client: Client, storage: Path) -> None:
+    inner = aiohttp.MultipartWriter("mixed")
+    inner.append(samples.encode(samples.two_tone(), "PNG"))
+    outer = aiohttp.MultipartWriter("form-data")
+    outer.append(samples.encode(samples.two_tone(), "PNG")).set_content_disposition(
+        "form-data", name="photo", filename="a.png"
+    )
+    outer.append(inner)
+    body = await assert_problem(await client.post("/images", data=outer), 400)
+    assert "nested" in body["detail"]
+    assert_nothing_stored(storage)

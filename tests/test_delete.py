@@ -1,0 +1,91 @@
+"""Deleting an image takes it, its thumbnails and its files away for good."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from pathlib import Path
+from typing import Any
+
+from asgilook_aiohttp.index import Index
+from asgilook_aiohttp.keys import STORE
+from asgilook_aiohttp.store import INDEX_FILE
+
+import samples
+from checks import (
+    Client,
+    ClientFactory,
+    assert_nothing_stored,
+    assert_problem,
+    index_rows,
+    stored_files,
+    until,
+)
+
+
+async def upload(client: Client, size: tuple[int, int] = (640, 360)) -> dict[str, Any]:
+    data = samples.encode(samples.photo(size), "JPEG", quality=90)
+    response = await client.post("/images", data=io.BytesIO(data))
+    assert response.status == 201
+    image: dict[str, Any] = await response.json()
+    return image
+
+
+async def test_delete_removes_everything(client: Client, storage: Path) -> None:
+    image = await upload(client)
+    kept = await upload(client)
+    for url in image["thumbnails"]:
+        assert (await client.get(url)).status == 200
+    assert len(stored_files(storage)) == 4
+
+    response = await client.delete(f"/images/{image['id']}")
+    assert response.status == 204
+    assert await response.read() == b""
+
+    for url in (f"/images/{image['id']}", image["image"], *image["thumbnails"]):
+        await assert_problem(await client.get(url), 404)
+    assert await (await client.get("/images")).json() == [kept]
+    assert stored_files(storage) == [f"images/{kept['id'][:2]}/{kept['id'][2:4]}/{kept['id']}.jpeg"]
+    assert index_rows(storage) == (1, 0)
+
+
+async def test_deleting_twice_or_an_unknown_id_is_404(client: Client) -> None:
+    image = await upload(client)
+    assert (await client.delete(f"/images/{image['id']}")).status == 204
+    await assert_problem(await client.delete(f"/images/{image['id']}"), 404)
+    await assert_problem(await client.delete(f"/images/{uuid.uuid4()}"), 404)
+    await assert_problem(await client.delete(image["image"]), 405)
+
+
+async def test_a_thumbnail_being_made_does_not_bring_files_back(
+    client: Client, storage: Path
+) -> None:
+    image = await upload(client, (4000, 3000))
+    converter = client.app[STORE].converter
+    making = asyncio.create_task(client.get(image["thumbnails"][0]))
+    await until(lambda: converter.busy == 1)
+    assert (await client.delete(f"/images/{image['id']}")).status == 204
+
+    response = await making
+    await assert_problem(response, 404)
+    await until(lambda: converter.busy == 0)
+    assert_nothing_stored(storage)
+
+
+async def test_an_interrupted_delete_is_finished_at_start_up(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    first = await make_client()
+    image = await upload(first)
+    assert (await first.get(image["thumbnails"][0])).status == 200
+    await first.close()
+    # A crash after the index forgot the image but before its files were removed.
+    index = Index(storage / INDEX_FILE)
+    await index.open()
+    assert await index.delete(image["id"]) is not None
+    await index.close()
+    assert len(stored_files(storage)) == 2
+
+    await make_client()
+    assert_nothing_stored(storage)

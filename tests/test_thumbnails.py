@@ -1,0 +1,170 @@
+"""Thumbnails: the sizes offered, exact dimensions, made once, kept within a budget."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from asgilook_aiohttp import thumbnails
+from asgilook_aiohttp.keys import STORE
+from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL
+
+import samples
+from checks import Client, ClientFactory, assert_problem
+
+
+async def upload(client: Client, image: Image.Image, fmt: str = "PNG", **options: Any) -> Any:
+    data = samples.encode(image, fmt, **options)
+    response = await client.post("/images", data=io.BytesIO(data))
+    assert response.status == 201, await response.text()
+    return await response.json()
+
+
+async def upload_photo(client: Client, seed: int) -> Any:
+    """A 2000x1500 photo; its largest thumbnail is about 225 kB."""
+    return await upload(client, samples.photo((2000, 1500), seed), "JPEG", quality=90)
+
+
+def thumbnail_files(storage: Path) -> list[Path]:
+    return sorted((storage / "thumbnails").rglob("*.jpeg"))
+
+
+def conversions(client: Client) -> int:
+    return client.app[STORE].converter.jobs_started
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((640, 360), [(320, 180), (160, 90)]),
+        ((1000, 750), [(500, 375), (250, 187), (125, 93)]),
+        ((100, 80), []),
+        ((128, 128), [(64, 64)]),
+        ((127, 4000), []),
+    ],
+)
+async def test_listed_sizes_and_each_is_exact(
+    client: Client, size: tuple[int, int], expected: list[tuple[int, int]]
+) -> None:
+    image = await upload(client, samples.two_tone(size))
+    assert image["thumbnails"] == [f"/thumbnails/{image['id']}/{w}x{h}.jpeg" for w, h in expected]
+    for url, (width, height) in zip(image["thumbnails"], expected, strict=True):
+        response = await client.get(url)
+        assert response.status == 200
+        assert response.content_type == "image/jpeg"
+        thumbnail = samples.decode(await response.read())
+        assert thumbnail.format == "JPEG"
+        assert thumbnail.size == (width, height)
+
+
+async def test_thumbnail_keeps_the_picture(client: Client) -> None:
+    image = await upload(client, samples.two_tone((640, 360)))
+    thumbnail = samples.decode(await (await client.get(image["thumbnails"][0])).read())
+    assert thumbnail.getpixel((40, 90))[0] > 180  # red on the left
+    assert thumbnail.getpixel((280, 90))[2] > 180  # blue on the right
+
+
+async def test_minimum_side_is_configurable(make_client: ClientFactory) -> None:
+    client = await make_client(min_thumbnail_side=100)
+    image = await upload(client, samples.two_tone((640, 360)))
+    assert image["thumbnails"] == [f"/thumbnails/{image['id']}/320x180.jpeg"]
+
+
+async def test_unlisted_sizes_unknown_ids_and_malformed_paths_are_404(client: Client) -> None:
+    image = await upload(client, samples.two_tone((640, 360)))
+    base = f"/thumbnails/{image['id']}"
+    for path in (
+        f"{base}/321x180.jpeg",
+        f"{base}/640x360.jpeg",
+        f"{base}/80x45.jpeg",
+        f"{base}/0320x180.jpeg",
+        f"{base}/320X180.jpeg",
+        f"{base}/320x180.png",
+        f"{base}/320x180",
+        f"/thumbnails/{image['id'].upper()}/320x180.jpeg",
+        "/thumbnails/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c/320x180.jpeg",
+    ):
+        await assert_problem(await client.get(path), 404)
+        assert (await client.head(path)).status == 404
+
+
+async def test_made_once_then_served_from_storage(client: Client, storage: Path) -> None:
+    image = await upload(client, samples.two_tone((640, 360)))
+    before = conversions(client)
+    first = await (await client.get(image["thumbnails"][0])).read()
+    assert conversions(client) == before + 1
+    (kept,) = thumbnail_files(storage)
+    assert kept.read_bytes() == first
+    for _ in range(3):
+        assert await (await client.get(image["thumbnails"][0])).read() == first
+    assert conversions(client) == before + 1
+
+
+async def test_concurrent_first_requests_run_one_conversion(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(workers=2)
+    image = await upload(client, samples.photo((3000, 2000)), "JPEG", quality=90)
+    before = conversions(client)
+    responses = await asyncio.gather(*(client.get(image["thumbnails"][0]) for _ in range(8)))
+    bodies = {await response.read() for response in responses}
+    assert [response.status for response in responses] == [200] * 8
+    assert len(bodies) == 1
+    assert conversions(client) == before + 1
+    assert samples.decode(bodies.pop()).size == (1500, 1000)
+
+
+async def test_thumbnails_keep_the_icc_profile(client: Client) -> None:
+    profile = samples.srgb_profile()
+    image = await upload(client, samples.two_tone((640, 360)), icc_profile=profile)
+    thumbnail = samples.decode(await (await client.get(image["thumbnails"][1])).read())
+    assert thumbnail.info.get("icc_profile") == profile
+
+
+async def test_kept_thumbnails_stay_within_the_budget(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(thumbnail_budget_mb=1)
+    budget = 1024 * 1024
+    images = [await upload_photo(client, seed) for seed in range(5)]
+    bodies = []
+    for image in images:
+        response = await client.get(image["thumbnails"][0])
+        assert response.status == 200
+        bodies.append(await response.read())
+        assert sum(path.stat().st_size for path in thumbnail_files(storage)) <= budget
+    assert sum(len(body) for body in bodies) > budget, "the test must overflow the budget"
+    # The latest is kept; an evicted one is made again, identical.
+    kept = [path.read_bytes() for path in thumbnail_files(storage)]
+    assert bodies[-1] in kept
+    assert bodies[0] not in kept
+    before = conversions(client)
+    assert await (await client.get(images[0]["thumbnails"][0])).read() == bodies[0]
+    assert conversions(client) == before + 1
+
+
+async def test_eviction_spares_recently_served_thumbnails(
+    make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(thumbnail_budget_mb=1)
+    # Five thumbnails of about 225 kB each: the fifth needs one of the others to go.
+    images = [await upload_photo(client, seed) for seed in range(5)]
+    bodies = [await (await client.get(image["thumbnails"][0])).read() for image in images[:2]]
+    # Hours later the first is served again; then new thumbnails push past the budget.
+    ticks = itertools.count(int(time.time()) + 2 * TOUCH_INTERVAL)
+    monkeypatch.setattr(thumbnails.time, "time", lambda: float(next(ticks)))
+    assert await (await client.get(images[0]["thumbnails"][0])).read() == bodies[0]
+    for image in images[2:]:
+        bodies.append(await (await client.get(image["thumbnails"][0])).read())
+    assert 0 < sum(map(len, bodies)) - 1024 * 1024 < min(map(len, bodies))
+    kept = [path.read_bytes() for path in thumbnail_files(storage)]
+    assert len(kept) == 4
+    assert bodies[0] in kept
+    assert bodies[1] not in kept
