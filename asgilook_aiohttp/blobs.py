@@ -122,6 +122,10 @@ class Blobs:
     async def is_writable(self) -> bool:
         return await asyncio.to_thread(self._probe)
 
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self._staging)
+        return stats.f_bavail * stats.f_frsize
+
     def _probe(self) -> bool:
         probe = self.staging_path(".probe")
         try:

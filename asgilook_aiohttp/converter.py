@@ -63,6 +63,7 @@ class _Lane:
         self._memory_limit_bytes = memory_limit_bytes
         self._executor: ProcessPoolExecutor | None = None
         self.pid: int | None = None
+        self.killed = False
 
     async def start(self) -> None:
         self._executor = ProcessPoolExecutor(
@@ -74,10 +75,11 @@ class _Lane:
         loop = asyncio.get_running_loop()
         # Starting the process now, not at the first upload, also tells us its pid.
         self.pid = await loop.run_in_executor(self._executor, os.getpid)
+        self.killed = False
 
     async def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Hand a job to the worker, replacing the worker first if it died while idle."""
-        if self._executor is not None and self.is_alive():
+        if self._executor is not None and not self.killed and self.is_alive():
             with contextlib.suppress(BrokenProcessPool):
                 return asyncio.wrap_future(self._executor.submit(fn, *args))
         await self.restart()
@@ -89,6 +91,7 @@ class _Lane:
         await self.start()
 
     def kill(self) -> None:
+        self.killed = True
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -179,10 +182,13 @@ class Converter:
         self._jobs_started += 1
         try:
             job = await lane.submit(fn, *args)
-        except (OSError, BrokenProcessPool):
+        except BaseException as error:
+            # Cancelled or failed while (re)starting its worker: the lane must not be lost.
             self._idle.put_nowait(lane)
-            _log.exception("could not start a conversion worker")
-            raise WorkerLost("no conversion worker could be started") from None
+            if isinstance(error, (OSError, BrokenProcessPool)):
+                _log.exception("could not start a conversion worker")
+                raise WorkerLost("no conversion worker could be started") from None
+            raise
         # The lane is free again only when its process is, whatever happens to this task.
         job.add_done_callback(lambda done: self._job_done(lane, done))
         finished, _ = await asyncio.wait({job}, timeout=self._timeout)
@@ -197,7 +203,9 @@ class Converter:
             raise WorkerLost("the worker converting this image stopped unexpectedly") from None
 
     def _job_done(self, lane: _Lane, job: asyncio.Future[Any]) -> None:
-        if not job.cancelled() and isinstance(job.exception(), BrokenProcessPool):
+        broken = not job.cancelled() and isinstance(job.exception(), BrokenProcessPool)
+        # A job can finish just as its time runs out and its worker is killed.
+        if broken or lane.killed:
             rebuild = asyncio.create_task(self._rebuild(lane))
             self._rebuilds.add(rebuild)
             rebuild.add_done_callback(self._rebuilds.discard)

@@ -7,6 +7,7 @@ so the HTTP meaning of a failure is decided in one place.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Mapping
@@ -98,6 +99,16 @@ def to_problem(error: Exception) -> Problem | None:
         return Problem(503, "busy", str(error), {"Retry-After": str(error.retry_after)})
     if isinstance(error, web.HTTPException) and error.status >= 400:
         return _from_http_exception(error)
+    if isinstance(error, ConnectionError):
+        # The client went away mid-request; no one will read this, but it is no server bug.
+        return Problem(400, "incomplete-request", "the connection closed before the request ended")
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Problem(
+            507,
+            "storage-full",
+            "the server's storage is full; nothing was stored, try again later",
+            {"Retry-After": "60"},
+        )
     return None
 
 

@@ -9,19 +9,25 @@ from __future__ import annotations
 import hashlib
 import io
 import resource
-import struct
-import zlib
 from typing import NamedTuple
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from .blobs import write_durably
 from .jpeg import strip_metadata
 
 _ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that shows the picture upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _WHITE = (255, 255, 255)
-# What Pillow's decoders raise for data that starts like an image but breaks later on.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
 
 
 class ImageRejected(Exception):
@@ -96,16 +102,22 @@ def make_thumbnail(
 
 def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[int, int]]:
     image = _open(data, max_pixels)
+    # Pillow's decoders fail in many ways on hostile data (OSError, SyntaxError, ValueError,
+    # TypeError, struct.error, zlib.error, ...); each means the image can't be decoded.
     try:
         image.load()
-        if _is_upright_colour_jpeg(image) and (stripped := strip_metadata(data)):
+        orientation = _orientation(image)
+        if orientation == 1 and _is_colour_jpeg(image) and (stripped := strip_metadata(data)):
             return stripped, image.size
-        ImageOps.exif_transpose(image, in_place=True)
+        if orientation in _UPRIGHT:
+            image = image.transpose(_UPRIGHT[orientation])
         rgb, icc_profile = _to_rgb(image)
         rgb.info = {}  # Pillow would otherwise copy comments from the source into the JPEG
         output = io.BytesIO()
         rgb.save(output, "JPEG", quality=quality, icc_profile=icc_profile)
-    except _DECODE_ERRORS as error:
+    except MemoryError:
+        raise
+    except Exception as error:
         raise CorruptImage(
             f"the {image.format} image is truncated or corrupt and cannot be decoded ({error})"
         ) from None
@@ -122,7 +134,11 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "the body is not an image in any format this server can read "
             "(JPEG, PNG, GIF, WebP, TIFF, BMP and others are accepted)"
         ) from None
-    except _DECODE_ERRORS as error:
+    except NotImplementedError as error:
+        raise NotAnImage(f"this variant of the image format is not supported ({error})") from None
+    except MemoryError:
+        raise
+    except Exception as error:
         raise CorruptImage(
             f"the image is truncated or corrupt and cannot be decoded ({error})"
         ) from None
@@ -139,20 +155,24 @@ def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> TooManyPi
     return TooManyPixels(f"the image has {found}; this server accepts at most {max_pixels:,}")
 
 
-def _is_upright_colour_jpeg(image: Image.Image) -> bool:
-    return (
-        image.format in ("JPEG", "MPO")
-        and image.mode == "RGB"
-        and image.getexif().get(_ORIENTATION_TAG, 1) == 1
-    )
+def _orientation(image: Image.Image) -> int:
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # unreadable EXIF: it is dropped anyway, so show the pixels as they are
+        return 1
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _is_colour_jpeg(image: Image.Image) -> bool:
+    return image.format in ("JPEG", "MPO") and image.mode == "RGB"
 
 
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, bytes | None]:
     """Opaque RGB pixels, and the ICC profile that still describes them, if any."""
     icc_profile = image.info.get("icc_profile") or None
     space = _colour_space(icc_profile) if icc_profile else None
-    if image.mode.startswith("I;16") or image.mode == "I":
-        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bit_grey(image)
     if space in ("CMYK", "GRAY") and image.mode in ("CMYK", "L"):
         try:
             converted = ImageCms.profileToProfile(
@@ -173,6 +193,24 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bytes | None]:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background, kept_profile
     return image.convert("RGB"), kept_profile
+
+
+def _to_8_bit_grey(image: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit and floating-point grey to 0-255 rather than clipping it."""
+    if image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda value: value * (255 / 65535)).convert("L")
+    # 32-bit integers and floats say nothing of their range: judge it from the pixels.
+    _, high = image.getextrema()
+    assert isinstance(high, (int, float))
+    if image.mode == "F" and high <= 1.0:
+        scale = 255.0  # floating-point images usually run from 0 to 1
+    elif high <= 255:
+        scale = 1.0
+    elif high <= 65535:
+        scale = 255 / 65535
+    else:
+        scale = 255 / high
+    return image.point(lambda value: value * scale).convert("L")
 
 
 def _colour_space(icc_profile: bytes) -> str | None:

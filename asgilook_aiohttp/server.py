@@ -11,9 +11,11 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config
+from .inflight import InFlight
 from .keys import IN_FLIGHT
 
 _log = logging.getLogger(__name__)
+_LAST_MOMENT = 0.5
 
 
 def _url(address: Any) -> str:
@@ -39,16 +41,26 @@ async def serve(config: Config) -> None:
         print(f"asgilook-aiohttp listening on {urls}", flush=True)
         await stop.wait()
 
-        for running_site in list(runner.sites):
-            await running_site.stop()
-        in_flight = app[IN_FLIGHT]
-        _log.info("stopping: waiting for %d requests in progress", in_flight.count)
-        try:
-            async with asyncio.timeout(config.shutdown_timeout):
-                await in_flight.wait_idle()
-        except TimeoutError:
-            _log.warning("stopping with %d requests unfinished", in_flight.count)
+        await _drain(runner, app[IN_FLIGHT], config.shutdown_timeout)
     finally:
-        # Closes idle connections, gives responses still being sent up to the shutdown
-        # timeout, then stops the worker processes.
-        await runner.cleanup()
+        await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
+
+
+async def _drain(runner: web.AppRunner, in_flight: InFlight, grace: float) -> None:
+    """Stop accepting, then give requests in progress ``grace`` seconds in all to end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    for site in list(runner.sites):
+        await site.stop()
+    _log.info("stopping: waiting for %d requests in progress", in_flight.count)
+    try:
+        async with asyncio.timeout_at(deadline):
+            await in_flight.wait_idle()
+    except TimeoutError:
+        _log.warning("stopping with %d requests unfinished", in_flight.count)
+    # Handlers are done; responses may still be on their way out. aiohttp stops reading
+    # from connections here, which is why uploads were waited for above.
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+        # aiohttp reads a timeout of 0 as "none": what is left of the grace, or a moment.
+        await runner.server.shutdown(max(_LAST_MOMENT, deadline - loop.time()))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from . import imaging
 from .blobs import Blobs
@@ -23,6 +24,8 @@ from .config import Config, MiB
 from .converter import Converter
 from .index import ImageRecord, Index, ThumbnailRecord
 from .thumbnails import Thumbnails, thumbnail_sizes
+
+T = TypeVar("T")
 
 INDEX_FILE = "index.sqlite3"
 
@@ -49,6 +52,7 @@ class Store:
         self._blobs = blobs
         self.converter = converter
         self._thumbnails = thumbnails
+        self._unfinished: set[asyncio.Task[Any]] = set()
 
     @classmethod
     @asynccontextmanager
@@ -78,7 +82,9 @@ class Store:
             )
             try:
                 await thumbnails.open()
-                yield cls(config, index, blobs, converter, thumbnails)
+                store = cls(config, index, blobs, converter, thumbnails)
+                yield store
+                await store._finish_unfinished()
             finally:
                 await converter.close()
         finally:
@@ -91,8 +97,27 @@ class Store:
     async def discard(self, staged: Staged) -> None:
         await self._blobs.discard(staged.path)
 
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` to its end even if the request awaiting it is cancelled, so that
+        it never stops half-way between the files and the index."""
+        task = asyncio.ensure_future(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._unfinished.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a request that went away has no one to tell
+
+    async def _finish_unfinished(self) -> None:
+        await asyncio.gather(*self._unfinished, return_exceptions=True)
+
     async def add(self, staged: Staged) -> ImageRecord:
         """Convert a staged upload and store it; the staged file is consumed either way."""
+        return await self._to_the_end(self._add(staged))
+
+    async def _add(self, staged: Staged) -> ImageRecord:
         converted_path = self._blobs.staging_path(".jpeg")
         try:
             converted = await self.converter.run(
@@ -110,8 +135,7 @@ class Store:
                 nbytes=converted.nbytes,
                 sha256=converted.sha256,
             )
-            # Once started, finishing is cheaper than undoing, even if the client has gone.
-            await asyncio.shield(self._publish(converted_path, record))
+            await self._publish(converted_path, record)
         finally:
             await self._blobs.discard(staged.path)
             await self._blobs.discard(converted_path)
@@ -138,8 +162,7 @@ class Store:
 
     async def delete(self, image_id: str) -> bool:
         """Remove an image with its thumbnails and files; False if there was none."""
-        # Finish even if the client goes: the index row is gone, the files must follow.
-        return await asyncio.shield(self._delete(image_id))
+        return await self._to_the_end(self._delete(image_id))
 
     async def _delete(self, image_id: str) -> bool:
         thumbnail_bytes = await self._index.delete(image_id)
@@ -167,6 +190,12 @@ class Store:
         problems = []
         if not await self._blobs.is_writable():
             problems.append(f"the storage directory {self._config.storage_path} is not writable")
+        # An upload needs room for itself and for its converted copy at once.
+        elif (free := self._blobs.free_bytes()) < 2 * self._config.max_upload_bytes:
+            problems.append(
+                f"the storage directory {self._config.storage_path} has {free // MiB} MiB free; "
+                f"an upload may need {2 * self._config.max_upload_bytes // MiB} MiB"
+            )
         if not await self.converter.is_working():
             problems.append("no conversion worker is running")
         return problems

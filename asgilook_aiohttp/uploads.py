@@ -10,21 +10,30 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import bad_request, payload_too_large
 from .store import Staged, Store
 
 _CHUNK = 256 * 1024
+# A form that needs more parts than this to reach its file is not an upload form; parsing
+# thousands of tiny fields would only keep the event loop busy.
+_MAX_PARTS = 32
+# What aiohttp raises for a body it cannot parse or decode.
+_UNREADABLE = (ValueError, HttpProcessingError, web.RequestPayloadError)
 
 
 async def receive(request: web.Request, store: Store, limit: int) -> Staged:
     """Stage the uploaded file; the caller owns the result and must add or discard it."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    if request.content_type == "multipart/form-data":
-        staged = await _receive_multipart(request, store, limit)
-    else:
-        staged = await store.stage(_body_chunks(request, limit))
+    try:
+        if request.content_type == "multipart/form-data":
+            staged = await _receive_multipart(request, store, limit)
+        else:
+            staged = await store.stage(_body_chunks(request, limit))
+    except _UNREADABLE as error:
+        raise bad_request("malformed-body", f"the request body cannot be read: {error}") from None
     if staged.size == 0:
         await store.discard(staged)
         raise bad_request(
@@ -40,7 +49,11 @@ async def _receive_multipart(request: web.Request, store: Store, limit: int) -> 
     chosen: Staged | None = None
     try:
         reader = await request.multipart()
+        parts = 0
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > _MAX_PARTS:
+                raise ValueError(f"the form has more than {_MAX_PARTS} parts")
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not supported")
             if part.name == "image" or (chosen is None and part.filename is not None):
@@ -52,12 +65,6 @@ async def _receive_multipart(request: web.Request, store: Store, limit: int) -> 
                     break
             else:
                 await _drain(_part_chunks(request, part, limit))
-    except ValueError as error:
-        if chosen is not None:
-            await store.discard(chosen)
-        raise bad_request(
-            "malformed-multipart", f"the multipart body is malformed: {error}"
-        ) from None
     except BaseException:
         if chosen is not None:
             await store.discard(chosen)

@@ -76,3 +76,33 @@ def png_header_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+
+
+def exif_with_bad_field(orientation: int) -> bytes:
+    """EXIF whose XResolution is text where a fraction belongs, as broken cameras write."""
+
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack(">HHI", tag, kind, count) + value
+
+    entries = [
+        entry(ORIENTATION, 3, 1, struct.pack(">HH", orientation, 0)),
+        entry(0x011A, 2, 4, b"abc\0"),
+    ]
+    ifd = struct.pack(">H", len(entries)) + b"".join(entries) + b"\0\0\0\0"
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + ifd
+
+
+def dds_with_unknown_pixel_format() -> bytes:
+    data = bytearray(encode(Image.new("RGBA", (4, 4)), "DDS"))
+    struct.pack_into("<I", data, 80, 0)  # the pixel format's flags: none Pillow knows
+    return bytes(data)
+
+
+def quadrants(size: tuple[int, int] = (60, 40)) -> Image.Image:
+    """Four colours, one per quadrant: every flip and turn gives a different picture."""
+    width, height = size
+    image = Image.new("RGB", size, RED)
+    image.paste(BLUE, (width // 2, 0, width, height // 2))
+    image.paste((20, 200, 40), (0, height // 2, width // 2, height))
+    image.paste((240, 220, 20), (width // 2, height // 2, width, height))
+    return image

@@ -46,7 +46,9 @@ async def test_conversion_runs_in_a_worker_process(client: Client) -> None:
     assert len(pids) == 1
     assert os.getpid() not in pids
     assert process_exists(pids[0])
+    before = converter(client).jobs_started
     assert (await client.post("/images", data=SMALL_PNG)).status == 201
+    assert converter(client).jobs_started == before + 1
     assert converter(client).worker_pids() == pids
 
 

@@ -70,14 +70,42 @@ async def test_multipart_without_a_file_is_400(client: Client, storage: Path) ->
     assert_nothing_stored(storage)
 
 
-async def test_malformed_multipart_is_400(client: Client, storage: Path) -> None:
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (b"--xyz\r\nno headers end here", {}),
+        (b"--xyz\r\na header without a colon\r\n\r\ndata\r\n--xyz--\r\n", {}),
+        (b"--xyz\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\ndata\r\n--xyz--\r\n", {}),
+        (b"--other\r\n\r\n", {}),
+        (b"this is not deflate", {"Content-Encoding": "deflate"}),
+    ],
+)
+async def test_unreadable_body_is_400(
+    client: Client, storage: Path, body: bytes, headers: dict[str, str]
+) -> None:
+    content_type = "multipart/form-data; boundary=xyz"
+    if "Content-Encoding" in headers:
+        content_type = "image/png"
     response = await client.post(
-        "/images",
-        data=b"--xyz\r\nno headers end here",
-        headers={"Content-Type": "multipart/form-data; boundary=other"},
+        "/images", data=body, headers={"Content-Type": content_type, **headers}
     )
-    assert response.status == 400
-    await assert_problem(response, 400)
+    await assert_problem(response, 400, "malformed-body")
+    assert_nothing_stored(storage)
+
+
+async def test_form_with_too_many_parts_is_400(client: Client, storage: Path) -> None:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for number in range(40):
+        form.add_field(f"field{number}", "x")
+    form.add_field("image", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
+    body = await assert_problem(await client.post("/images", data=form), 400, "malformed-body")
+    assert "more than 32 parts" in body["detail"]
+    assert_nothing_stored(storage)
+
+
+async def test_unsupported_variant_of_a_format_is_415(client: Client, storage: Path) -> None:
+    data = samples.dds_with_unknown_pixel_format()
+    await assert_problem(await client.post("/images", data=data), 415, "not-an-image")
     assert_nothing_stored(storage)
 
 
@@ -183,6 +211,6 @@ async def test_nested_multipart_is_400(client: Client, storage: Path) -> None:
         "form-data", name="photo", filename="a.png"
     )
     outer.append(inner)
-    body = await assert_problem(await client.post("/images", data=outer), 400)
+    body = await assert_problem(await client.post("/images", data=outer), 400, "malformed-body")
     assert "nested" in body["detail"]
     assert_nothing_stored(storage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -179,3 +180,28 @@ async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> No
     _, stderr = await process.communicate()
     assert process.returncode == 2
     assert b"--workers: must be at least 1" in stderr
+
+
+async def test_a_stalled_upload_holds_the_stop_no_longer_than_the_shutdown_timeout(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(tmp_path / "storage", "--shutdown-timeout", "3")
+    sent = asyncio.Event()
+
+    async def never_ending_body() -> AsyncIterator[bytes]:
+        yield b"\x89PNG\r\n\x1a\n"
+        sent.set()
+        await asyncio.sleep(3600)
+
+    stalled = asyncio.create_task(session.post(f"{server.url}/images", data=never_ending_body()))
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    signalled = loop.time()
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+    # The drain and aiohttp's own close share the one timeout (3 s), not twice over.
+    assert loop.time() - signalled < 5.5
+    stalled.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+        await stalled

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import samples
 from checks import Client, stored_files
@@ -41,7 +41,7 @@ async def upload_and_fetch(
     return image, stored
 
 
-def near(pixel: Any, expected: tuple[int, int, int], tolerance: int = 12) -> bool:
+def near(pixel: Any, expected: Any, tolerance: int = 12) -> bool:
     return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
 
 
@@ -186,3 +186,34 @@ async def test_content_type_of_a_raw_upload_does_not_matter(client: Client) -> N
     data = samples.encode(samples.two_tone(), "PNG")
     image, _ = await upload_and_fetch(client, data, headers={"Content-Type": "text/plain"})
     assert image["size"] == [64, 48]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+async def test_every_exif_orientation_is_applied(client: Client, orientation: int) -> None:
+    original = samples.quadrants()
+    exif = Image.Exif()
+    exif[samples.ORIENTATION] = orientation
+    data = samples.encode(original, "JPEG", quality=95, exif=exif)
+    upright = ImageOps.exif_transpose(samples.decode(data))
+    _, stored = await upload_and_fetch(client, data)
+    assert stored.size == upright.size
+    width, height = stored.size
+    for x, y in ((width // 4, height // 4), (3 * width // 4, 3 * height // 4)):
+        assert near(stored.getpixel((x, y)), upright.getpixel((x, y)), tolerance=24)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+async def test_broken_exif_still_uploads_upright(client: Client, fmt: str) -> None:
+    data = samples.encode(samples.two_tone((64, 48)), fmt, exif=samples.exif_with_bad_field(6))
+    image, stored = await upload_and_fetch(client, data)
+    assert image["size"] == [48, 64]
+    assert dict(stored.getexif()) == {}
+
+
+async def test_floating_point_grey_is_scaled(client: Client) -> None:
+    # From 0.0 at the top to 1.0 at the bottom, as scientific and HDR tools write floats.
+    ramp = Image.linear_gradient("L").convert("F").point(lambda v: v / 255)
+    _, stored = await upload_and_fetch(client, samples.encode(ramp, "TIFF"))
+    assert near(stored.getpixel((128, 2)), (0, 0, 0), tolerance=8)
+    assert near(stored.getpixel((128, 128)), (128, 128, 128), tolerance=8)
+    assert near(stored.getpixel((128, 253)), (255, 255, 255), tolerance=8)
