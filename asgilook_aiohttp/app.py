@@ -10,7 +10,9 @@ from . import caching
 from .config import Config
 from .errors import problem_middleware
 from .inflight import InFlight
-from .keys import CONFIG, IN_FLIGHT, STORE
+from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
+from .logs import request_id_middleware
+from .metrics import Metrics
 from .store import Store
 from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness, Thumbnail
 
@@ -19,19 +21,26 @@ _SIDE = "[1-9][0-9]{0,5}"
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
-    async with Store.open(app[CONFIG]) as store:
+    async with Store.open(app[CONFIG], app[METRICS]) as store:
         app[STORE] = store
         yield
 
 
 def create_app(config: Config) -> web.Application:
     in_flight = InFlight()
+    metrics = Metrics()
     app = web.Application(
-        middlewares=[in_flight.middleware, problem_middleware],
+        middlewares=[
+            in_flight.middleware,
+            request_id_middleware,
+            metrics.middleware,
+            problem_middleware,
+        ],
         client_max_size=config.max_upload_bytes,
     )
     app[CONFIG] = config
     app[IN_FLIGHT] = in_flight
+    app[METRICS] = metrics
     app.on_response_prepare.append(caching.restore_validators)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
@@ -44,4 +53,5 @@ def create_app(config: Config) -> web.Application:
     )
     app.router.add_view("/healthz", Health, name="health")
     app.router.add_view("/readyz", Readiness, name="readiness")
+    app.router.add_get("/metrics", metrics.handle, name="metrics")
     return app

@@ -49,6 +49,9 @@ class Config:
     thumbnail_budget_mb: int = 1024
     jpeg_quality: int = 90
     shutdown_timeout: float = 30.0
+    unix_path: Path | None = None
+    log_format: str = "text"
+    write_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_sources(
@@ -60,11 +63,11 @@ class Config:
         flags = vars(parser.parse_args(argv))
         values: dict[str, Any] = {}
         for setting in _SETTINGS:
-            value = flags[setting.name]
-            if value is None:
-                value = setting.from_environ(environ, parser)
-            if value is not None:
-                values[setting.name] = value
+            if (value := flags.get(setting.name)) is not None:
+                values.setdefault(setting.target, value)
+        for setting in _SETTINGS:
+            if (value := setting.from_environ(environ, parser)) is not None:
+                values.setdefault(setting.target, value)
         values.setdefault("storage_path", default_storage_path(environ))
         return cls(**values)
 
@@ -94,13 +97,40 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"must be 'text' or 'json', not {text!r}")
+    return text
+
+
+def _token(text: str) -> str:
+    token = text.strip()
+    if not token or any(character.isspace() for character in token):
+        raise ValueError("must be a non-empty token without spaces")
+    return token
+
+
+def _token_from_file(text: str) -> str:
+    try:
+        return _token(_path(text).read_text())
+    except OSError as error:
+        raise ValueError(f"cannot be read: {error.strerror}") from None
+
+
 @dataclass(frozen=True)
 class _Setting:
     name: str
-    flag: str
+    flag: str | None
+    """None for a secret, which must not show in the process list."""
     parse: Callable[[str], Any]
     help: str
     env: tuple[str, ...] = ()
+    field: str | None = None
+    """The Config field it sets, when not ``name``."""
+
+    @property
+    def target(self) -> str:
+        return self.field or self.name
 
     @property
     def env_names(self) -> tuple[str, ...]:
@@ -188,6 +218,31 @@ _SETTINGS = (
         _positive_float,
         "seconds to let in-flight requests finish after SIGTERM (default 30)",
     ),
+    _Setting(
+        "unix_path",
+        "--unix",
+        _path,
+        "serve on this Unix socket instead of TCP, for a reverse proxy",
+    ),
+    _Setting(
+        "log_format",
+        "--log-format",
+        _log_format,
+        "'text' for people, 'json' for one JSON object per line (default text)",
+    ),
+    _Setting(
+        "write_token",
+        None,
+        _token,
+        "the bearer token that uploads and deletions need (no flag: it would show in ps)",
+    ),
+    _Setting(
+        "write_token_file",
+        "--write-token-file",
+        _token_from_file,
+        "a file holding the write token",
+        field="write_token",
+    ),
 )
 
 
@@ -206,9 +261,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="asgilook-aiohttp",
         description="Serve the asgilook image API. Every flag also reads an environment "
         "variable: ASGILOOK_ and the setting's name in capitals (--storage reads "
-        "ASGILOOK_STORAGE_PATH).",
+        "ASGILOOK_STORAGE_PATH). The write token is read from ASGILOOK_WRITE_TOKEN or from "
+        "the file that --write-token-file or ASGILOOK_WRITE_TOKEN_FILE names.",
     )
     for setting in _SETTINGS:
+        if setting.flag is None:
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -111,10 +112,28 @@ class _Lane:
         return True
 
 
+JobObserver = Callable[[str, str, float], None]
+"""Told of every job: the function's name, its outcome and the seconds it took."""
+
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (QueueFull, "queue_full"),
+    (ConversionTimedOut, "timeout"),
+    (WorkerLost, "worker_lost"),
+    (imaging.ImageRejected, "rejected"),
+    (asyncio.CancelledError, "cancelled"),
+)
+
+
 class Converter:
     def __init__(
-        self, workers: int, queue_size: int, timeout: float, memory_limit_bytes: int
+        self,
+        workers: int,
+        queue_size: int,
+        timeout: float,
+        memory_limit_bytes: int,
+        observe: JobObserver | None = None,
     ) -> None:
+        self._observe = observe
         self._lanes = [_Lane(memory_limit_bytes) for _ in range(workers)]
         self._queue_size = queue_size
         self._timeout = timeout
@@ -169,6 +188,20 @@ class Converter:
         Raises ``ConverterUnavailable`` when the queue is full, the job ran out of time or
         its worker died; whatever ``fn`` raises otherwise is re-raised here.
         """
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._run(fn, *args)
+            outcome = "ok"
+            return result
+        except BaseException as error:
+            outcome = next((name for kind, name in _OUTCOMES if isinstance(error, kind)), outcome)
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(fn.__name__, outcome, time.perf_counter() - started)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._idle.empty() and self._waiting >= self._queue_size:
             raise QueueFull(
                 f"all {len(self._lanes)} conversion workers are busy and "

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import imaging
-from .converter import ConverterUnavailable
+from .converter import ConversionTimedOut, ConverterUnavailable, QueueFull, WorkerLost
+from .metrics import PROBLEM
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +76,12 @@ _IMAGE_PROBLEMS: dict[type[imaging.ImageRejected], tuple[int, str]] = {
     imaging.TooMuchMemory: (413, "too-much-memory"),
 }
 
+_UNAVAILABLE: dict[type[ConverterUnavailable], str] = {
+    QueueFull: "queue-full",
+    ConversionTimedOut: "conversion-timeout",
+    WorkerLost: "worker-lost",
+}
+
 # aiohttp's own errors keep these headers (Allow on 405, for one); the body is ours.
 _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate", "Location")
 
@@ -96,7 +103,8 @@ def to_problem(error: Exception) -> Problem | None:
         status, slug = _IMAGE_PROBLEMS[type(error)]
         return Problem(status, slug, str(error))
     if isinstance(error, ConverterUnavailable):
-        return Problem(503, "busy", str(error), {"Retry-After": str(error.retry_after)})
+        slug = _UNAVAILABLE[type(error)]
+        return Problem(503, slug, str(error), {"Retry-After": str(error.retry_after)})
     if isinstance(error, web.HTTPException) and error.status >= 400:
         return _from_http_exception(error)
     if isinstance(error, ConnectionError):
@@ -119,6 +127,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception as error:
         problem = to_problem(error)
         if problem is not None:
+            request[PROBLEM] = problem.slug or str(problem.status)
             return problem.response()
         if isinstance(error, web.HTTPException):
             raise

@@ -13,14 +13,15 @@ import asyncio
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+# Each entry moves the schema one version up; a new index runs them all.
+_MIGRATIONS = (
+    """
 CREATE TABLE images (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -41,8 +42,10 @@ CREATE TABLE thumbnails (
     PRIMARY KEY (image_id, width, height)
 );
 CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
-"""
-_COLUMNS = "id, uploaded, width, height, bytes, sha256"
+""",
+    "ALTER TABLE images ADD COLUMN delete_token_sha256 TEXT;",
+)
+_COLUMNS = "id, uploaded, width, height, bytes, sha256, delete_token_sha256"
 _THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
 CURSOR_QUERY = "SELECT seq FROM images WHERE id = ?"
 PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
@@ -57,6 +60,7 @@ class ImageRecord:
     height: int
     nbytes: int
     sha256: str
+    delete_token_sha256: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ class ThumbnailRecord:
     sha256: str
     last_used: int
     """When it was last served, in whole seconds since the epoch (coarse: see ``touch``)."""
+
+
+@dataclass(frozen=True)
+class Deleted:
+    image_bytes: int
+    thumbnail_bytes: int
 
 
 class UnknownCursor(LookupError):
@@ -96,14 +106,14 @@ class Index:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
         (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version == 0:
-            db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;")
-        elif version != _SCHEMA_VERSION:
+        if version > len(_MIGRATIONS):
             db.close()
             raise RuntimeError(
-                f"{self._path} has index schema version {version}; this release reads "
-                f"version {_SCHEMA_VERSION}"
+                f"{self._path} has index schema version {version}; this release reads up "
+                f"to version {len(_MIGRATIONS)}: upgrade asgilook-aiohttp"
             )
+        for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+            db.executescript(f"BEGIN; {migration} PRAGMA user_version={number}; COMMIT;")
         self._db = db
 
     async def close(self) -> None:
@@ -135,7 +145,7 @@ class Index:
             with db:
                 db.execute("BEGIN")
                 db.execute(
-                    f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.id,
                         record.uploaded,
@@ -143,6 +153,7 @@ class Index:
                         record.height,
                         record.nbytes,
                         record.sha256,
+                        record.delete_token_sha256,
                     ),
                 )
                 db.execute("DELETE FROM pending WHERE id = ?", (record.id,))
@@ -172,23 +183,30 @@ class Index:
 
         return await self._call(page)
 
-    async def delete(self, image_id: str) -> int | None:
+    async def delete(self, image_id: str, token_sha256: str | None = None) -> Deleted | None:
         """Remove an image and its thumbnails, journaling its id until its files are gone.
 
-        Returns the bytes its thumbnails took, or None if there was no such image.
+        With ``token_sha256``, only if it is the image's delete token. Returns None if no
+        image matched.
         """
 
-        def delete(db: sqlite3.Connection) -> int | None:
+        def delete(db: sqlite3.Connection) -> Deleted | None:
             with db:
                 db.execute("BEGIN")
+                row = db.execute(
+                    "SELECT bytes FROM images WHERE id = ? "
+                    "AND (? IS NULL OR delete_token_sha256 = ?)",
+                    (image_id, token_sha256, token_sha256),
+                ).fetchone()
+                if row is None:
+                    return None
                 (thumbnail_bytes,) = db.execute(
                     "SELECT coalesce(sum(bytes), 0) FROM thumbnails WHERE image_id = ?",
                     (image_id,),
                 ).fetchone()
-                if not db.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount:
-                    return None
+                db.execute("DELETE FROM images WHERE id = ?", (image_id,))
                 db.execute("INSERT OR IGNORE INTO pending (id) VALUES (?)", (image_id,))
-            return int(thumbnail_bytes)
+            return Deleted(image_bytes=row[0], thumbnail_bytes=thumbnail_bytes)
 
         return await self._call(delete)
 
@@ -235,6 +253,17 @@ class Index:
             )
         )
 
+    async def totals(self) -> tuple[int, int]:
+        """How many images are stored, and their bytes."""
+
+        def totals(db: sqlite3.Connection) -> tuple[int, int]:
+            count, nbytes = db.execute(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
+            ).fetchone()
+            return int(count), int(nbytes)
+
+        return await self._call(totals)
+
     async def thumbnail_bytes(self) -> int:
         def total(db: sqlite3.Connection) -> int:
             return int(db.execute("SELECT coalesce(sum(bytes), 0) FROM thumbnails").fetchone()[0])
@@ -250,7 +279,11 @@ class Index:
             freed = 0
             with db:
                 db.execute("BEGIN")
-                rows = db.execute(f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails ORDER BY last_used")
+                rows = db.execute(
+                    f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
+                    "WHERE NOT (image_id = ? AND width = ? AND height = ?) ORDER BY last_used",
+                    (keep.image_id, keep.width, keep.height),
+                )
                 for row in rows.fetchmany(10_000):
                     if freed >= at_least:
                         break

@@ -4,8 +4,10 @@ from aiohttp import web
 
 from .config import Config
 from .inflight import InFlight
+from .metrics import Metrics
 from .store import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+METRICS = web.AppKey("metrics", Metrics)

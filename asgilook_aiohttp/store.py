@@ -10,6 +10,8 @@ journals the id until the files are gone. ``open`` finishes whatever a crash int
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
@@ -23,9 +25,16 @@ from .blobs import Blobs
 from .config import Config, MiB
 from .converter import Converter
 from .index import ImageRecord, Index, ThumbnailRecord
+from .metrics import Metrics
 from .thumbnails import Thumbnails, thumbnail_sizes
 
 T = TypeVar("T")
+
+
+def _token_hash(token: str) -> str:
+    # Tokens are 256 random bits: a fast hash is enough, no password stretching needed.
+    return hashlib.sha256(token.encode()).hexdigest()
+
 
 INDEX_FILE = "index.sqlite3"
 
@@ -53,10 +62,32 @@ class Store:
         self.converter = converter
         self._thumbnails = thumbnails
         self._unfinished: set[asyncio.Task[Any]] = set()
+        self._image_count = 0
+        self._image_bytes = 0
+
+    def _watch(self, metrics: Metrics) -> None:
+        converter = self.converter
+        metrics.gauge("asgilook_images_stored", "Images stored.", lambda: self._image_count)
+        metrics.gauge(
+            "asgilook_image_bytes_stored", "Bytes of stored images.", lambda: self._image_bytes
+        )
+        metrics.gauge(
+            "asgilook_thumbnail_bytes_stored",
+            "Bytes of kept thumbnails.",
+            lambda: self._thumbnails.kept_bytes,
+        )
+        metrics.gauge(
+            "asgilook_conversion_queue_depth",
+            "Jobs waiting for a free worker.",
+            lambda: converter.waiting,
+        )
+        metrics.gauge(
+            "asgilook_conversion_workers_busy", "Workers running a job.", lambda: converter.busy
+        )
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config) -> AsyncIterator[Store]:
+    async def open(cls, config: Config, metrics: Metrics) -> AsyncIterator[Store]:
         config.storage_path.mkdir(parents=True, exist_ok=True)
         blobs = Blobs(config.storage_path)
         blobs.open()
@@ -71,6 +102,7 @@ class Store:
                 queue_size=config.queue_size,
                 timeout=config.conversion_timeout,
                 memory_limit_bytes=config.worker_memory_mb * MiB,
+                observe=metrics.observe_job,
             )
             await converter.start()
             thumbnails = Thumbnails(
@@ -83,6 +115,8 @@ class Store:
             try:
                 await thumbnails.open()
                 store = cls(config, index, blobs, converter, thumbnails)
+                store._image_count, store._image_bytes = await index.totals()
+                store._watch(metrics)
                 yield store
                 await store._finish_unfinished()
             finally:
@@ -113,11 +147,16 @@ class Store:
     async def _finish_unfinished(self) -> None:
         await asyncio.gather(*self._unfinished, return_exceptions=True)
 
-    async def add(self, staged: Staged) -> ImageRecord:
-        """Convert a staged upload and store it; the staged file is consumed either way."""
-        return await self._to_the_end(self._add(staged))
+    async def add(self, staged: Staged) -> tuple[ImageRecord, str]:
+        """Convert a staged upload and store it; the staged file is consumed either way.
 
-    async def _add(self, staged: Staged) -> ImageRecord:
+        Returns the image and its delete token, which is kept only as a hash.
+        """
+        delete_token = secrets.token_urlsafe(32)
+        record = await self._to_the_end(self._add(staged, _token_hash(delete_token)))
+        return record, delete_token
+
+    async def _add(self, staged: Staged, delete_token_sha256: str) -> ImageRecord:
         converted_path = self._blobs.staging_path(".jpeg")
         try:
             converted = await self.converter.run(
@@ -134,8 +173,11 @@ class Store:
                 height=converted.height,
                 nbytes=converted.nbytes,
                 sha256=converted.sha256,
+                delete_token_sha256=delete_token_sha256,
             )
             await self._publish(converted_path, record)
+            self._image_count += 1
+            self._image_bytes += record.nbytes
         finally:
             await self._blobs.discard(staged.path)
             await self._blobs.discard(converted_path)
@@ -160,15 +202,21 @@ class Store:
     def file_path(self, record: ImageRecord) -> Path:
         return self._blobs.path(record.id)
 
-    async def delete(self, image_id: str) -> bool:
-        """Remove an image with its thumbnails and files; False if there was none."""
-        return await self._to_the_end(self._delete(image_id))
+    async def delete(self, image_id: str, delete_token: str | None = None) -> bool:
+        """Remove an image with its thumbnails and files.
 
-    async def _delete(self, image_id: str) -> bool:
-        thumbnail_bytes = await self._index.delete(image_id)
-        if thumbnail_bytes is None:
+        With ``delete_token``, only if it is the image's own. False if nothing matched.
+        """
+        token_sha256 = None if delete_token is None else _token_hash(delete_token)
+        return await self._to_the_end(self._delete(image_id, token_sha256))
+
+    async def _delete(self, image_id: str, token_sha256: str | None) -> bool:
+        deleted = await self._index.delete(image_id, token_sha256)
+        if deleted is None:
             return False
-        self._thumbnails.forget(thumbnail_bytes)
+        self._image_count -= 1
+        self._image_bytes -= deleted.image_bytes
+        self._thumbnails.forget(deleted.thumbnail_bytes)
         await self._blobs.delete(image_id)
         await self._index.drop_pending(image_id)
         return True

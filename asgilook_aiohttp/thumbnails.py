@@ -47,6 +47,10 @@ class Thumbnails:
     async def open(self) -> None:
         self._kept_bytes = await self._index.thumbnail_bytes()
 
+    @property
+    def kept_bytes(self) -> int:
+        return self._kept_bytes
+
     def path(self, record: ThumbnailRecord) -> Path:
         return self._blobs.thumbnail_path(record.image_id, record.width, record.height)
 

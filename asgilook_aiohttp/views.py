@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import caching, uploads
+from . import auth, caching, uploads
 from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from .errors import Problem, bad_request, not_found
 from .index import ImageRecord, UnknownCursor
@@ -75,9 +75,10 @@ class ImageCollection(_Resource):
 
     async def post(self) -> web.StreamResponse:
         config = self.request.app[CONFIG]
+        auth.check_upload(self.request, config.write_token)
         staged = await uploads.receive(self.request, self.store, config.max_upload_bytes)
-        record = await self.store.add(staged)
-        body = self.image_object(record)
+        record, delete_token = await self.store.add(staged)
+        body = {**self.image_object(record), "delete_token": delete_token}
         return web.json_response(body, status=201, headers={"Location": body["image"]})
 
 
@@ -87,8 +88,17 @@ class ImageItem(_Resource):
 
     async def delete(self) -> web.StreamResponse:
         image_id = self.request.match_info["image_id"]
-        if not await self.store.delete(image_id):
-            raise not_found(f"there is no image with id {image_id}")
+        token = auth.bearer_token(self.request)
+        if token is None:
+            raise auth.unauthorized(
+                "deleting needs 'Authorization: Bearer <token>', with the delete_token "
+                "returned by the upload or the write token"
+            )
+        if auth.is_write_token(token, self.request.app[CONFIG].write_token):
+            if not await self.store.delete(image_id):
+                raise not_found(f"there is no image with id {image_id}")
+        elif not await self.store.delete(image_id, delete_token=token):
+            raise auth.forbidden("this token may not delete this image")
         return web.Response(status=204)
 
 

@@ -68,3 +68,13 @@ async def assert_problem(
     if slug is not None:
         assert body["type"] == f"tag:asgilook-aiohttp,2026:{slug}"
     return body
+
+
+def image_object(created: dict[str, Any]) -> dict[str, Any]:
+    """The image object in a 201 body: the body without its one-time delete token."""
+    assert len(created["delete_token"]) >= 32
+    return {key: value for key, value in created.items() if key != "delete_token"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

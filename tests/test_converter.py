@@ -66,7 +66,7 @@ async def test_worker_killed_mid_job_costs_only_that_upload(
     os.kill(victim, signal.SIGKILL)
 
     response = await upload
-    body = await assert_problem(response, 503, "busy")
+    body = await assert_problem(response, 503, "worker-lost")
     assert "stopped unexpectedly" in body["detail"]
     assert int(response.headers["Retry-After"]) > 0
     assert_nothing_stored(storage)
@@ -97,7 +97,7 @@ async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     client = await make_client(conversion_timeout=0.05)
     (slow_worker,) = converter(client).worker_pids()
     response = await client.post("/images", data=io.BytesIO(slow_png))
-    body = await assert_problem(response, 503, "busy")
+    body = await assert_problem(response, 503, "conversion-timeout")
     assert "longer than 0.05 s" in body["detail"]
     assert "Retry-After" in response.headers
     assert_nothing_stored(storage)
@@ -117,7 +117,7 @@ async def test_full_queue_is_503_at_once(
     await until(lambda: converter(client).waiting == 1)
 
     refused = await client.post("/images", data=SMALL_PNG)
-    body = await assert_problem(refused, 503, "busy")
+    body = await assert_problem(refused, 503, "queue-full")
     assert "busy" in body["detail"]
     assert "Retry-After" in refused.headers
     assert not running.done()

@@ -18,15 +18,20 @@ from checks import (
     ClientFactory,
     assert_nothing_stored,
     assert_problem,
+    bearer,
+    image_object,
     index_rows,
     stored_files,
     until,
 )
 
 
-async def upload(client: Client, size: tuple[int, int] = (640, 360)) -> dict[str, Any]:
+async def upload(
+    client: Client, size: tuple[int, int] = (640, 360), token: str | None = None
+) -> dict[str, Any]:
     data = samples.encode(samples.photo(size), "JPEG", quality=90)
-    response = await client.post("/images", data=io.BytesIO(data))
+    headers = bearer(token) if token else {}
+    response = await client.post("/images", data=io.BytesIO(data), headers=headers)
     assert response.status == 201
     image: dict[str, Any] = await response.json()
     return image
@@ -39,22 +44,28 @@ async def test_delete_removes_everything(client: Client, storage: Path) -> None:
         assert (await client.get(url)).status == 200
     assert len(stored_files(storage)) == 4
 
-    response = await client.delete(f"/images/{image['id']}")
+    response = await client.delete(f"/images/{image['id']}", headers=bearer(image["delete_token"]))
     assert response.status == 204
     assert await response.read() == b""
 
     for url in (f"/images/{image['id']}", image["image"], *image["thumbnails"]):
         await assert_problem(await client.get(url), 404)
-    assert await (await client.get("/images")).json() == [kept]
+    assert await (await client.get("/images")).json() == [image_object(kept)]
     assert stored_files(storage) == [f"images/{kept['id'][:2]}/{kept['id'][2:4]}/{kept['id']}.jpeg"]
     assert index_rows(storage) == (1, 0)
 
 
-async def test_deleting_twice_or_an_unknown_id_is_404(client: Client) -> None:
-    image = await upload(client)
-    assert (await client.delete(f"/images/{image['id']}")).status == 204
-    await assert_problem(await client.delete(f"/images/{image['id']}"), 404)
-    await assert_problem(await client.delete(f"/images/{uuid.uuid4()}"), 404)
+async def test_deleting_twice_or_an_unknown_id(make_client: ClientFactory) -> None:
+    client = await make_client(write_token="the-write-token")
+    image = await upload(client, token="the-write-token")
+    url = f"/images/{image['id']}"
+    assert (await client.delete(url, headers=bearer(image["delete_token"]))).status == 204
+    # The image's own token now matches nothing: refused like any wrong token.
+    await assert_problem(await client.delete(url, headers=bearer(image["delete_token"])), 403)
+    # The write token may know: the image is gone.
+    await assert_problem(await client.delete(url, headers=bearer("the-write-token")), 404)
+    missing = f"/images/{uuid.uuid4()}"
+    await assert_problem(await client.delete(missing, headers=bearer("the-write-token")), 404)
     await assert_problem(await client.delete(image["image"]), 405)
 
 
@@ -65,7 +76,8 @@ async def test_a_thumbnail_being_made_does_not_bring_files_back(
     converter = client.app[STORE].converter
     making = asyncio.create_task(client.get(image["thumbnails"][0]))
     await until(lambda: converter.busy == 1)
-    assert (await client.delete(f"/images/{image['id']}")).status == 204
+    deleting = await client.delete(f"/images/{image['id']}", headers=bearer(image["delete_token"]))
+    assert deleting.status == 204
 
     response = await making
     await assert_problem(response, 404)

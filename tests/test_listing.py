@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import samples
-from checks import Client
+from checks import Client, image_object
 
 
 async def upload_many(client: Client, count: int) -> list[dict[str, Any]]:
@@ -15,7 +15,7 @@ async def upload_many(client: Client, count: int) -> list[dict[str, Any]]:
         data = samples.encode(samples.two_tone((20 + number, 20)), "PNG")
         response = await client.post("/images", data=data)
         assert response.status == 201
-        images.append(await response.json())
+        images.append(image_object(await response.json()))
     return images
 
 

@@ -10,7 +10,7 @@ from asgilook_aiohttp.index import Index
 from asgilook_aiohttp.store import INDEX_FILE
 
 import samples
-from checks import ClientFactory, assert_nothing_stored, index_rows, stored_files
+from checks import ClientFactory, assert_nothing_stored, image_object, index_rows, stored_files
 
 
 async def test_a_second_app_on_the_same_storage_sees_the_same_images(
@@ -20,7 +20,7 @@ async def test_a_second_app_on_the_same_storage_sees_the_same_images(
     uploaded = []
     for fmt in ("PNG", "JPEG", "GIF"):
         response = await first.post("/images", data=samples.encode(samples.two_tone(), fmt))
-        image = await response.json()
+        image = image_object(await response.json())
         image_bytes = await (await first.get(image["image"])).read()
         uploaded.append((image, image_bytes))
     await first.close()

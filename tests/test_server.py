@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 import samples
+from checks import image_object
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +135,7 @@ async def test_sigterm_lets_an_upload_in_flight_finish(
 
     async with session.post(f"{server.url}/images", data=body_interrupted_by_sigterm()) as reply:
         assert reply.status == 201
-        image = await reply.json()
+        image = image_object(await reply.json())
     assert await server.exit_code() == 0
 
     restarted = await start_server(storage)

@@ -1,0 +1,97 @@
+"""Logging: request ids on every line, an access log, text for people or JSON for machines.
+
+Each request gets an id, the client's ``X-Request-ID`` when it sent a sane one, else a new
+one. It is echoed in the response and set in a context variable, so every log line written
+while serving the request, from any module, carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+
+HEADER = "X-Request-ID"
+_request_id: ContextVar[str] = ContextVar("request_id", default="-")
+_SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_ACCESS_FIELDS = ("remote", "method", "path", "status", "bytes", "duration_ms", "user_agent")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    supplied = request.headers.get(HEADER, "")
+    request_id = supplied if _SANE.fullmatch(supplied) else uuid.uuid4().hex
+    _request_id.set(request_id)  # the handler runs in a task of its own: no reset needed
+    try:
+        response = await handler(request)
+    except web.HTTPException as error:
+        error.headers[HEADER] = request_id
+        raise
+    response.headers[HEADER] = request_id
+    return response
+
+
+class AccessLogger(AbstractAccessLogger):
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields = {
+            "remote": request.remote or "-",
+            "method": request.method,
+            "path": request.path_qs,
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 3),
+            "user_agent": request.headers.get("User-Agent", "-"),
+        }
+        self.logger.info(
+            '%s "%s %s" %d %dB %.1fms',
+            fields["remote"],
+            fields["method"],
+            fields["path"],
+            fields["status"],
+            fields["bytes"],
+            fields["duration_ms"],
+            extra=fields,
+        )
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = _request_id.get()
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update({key: getattr(record, key) for key in _ACCESS_FIELDS if hasattr(record, key)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure(log_format: str) -> None:
+    """Send INFO and above to standard error, as text or as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
