@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 
+from . import logs
 from .config import Config
 from .server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = Config.from_sources(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(config.log_format)
     asyncio.run(serve(config))
 
 

@@ -1,49 +1,85 @@
-"""Running the app as a server process: bind, announce, wait for a signal, drain."""
+"""Running the app as a server process: bind, announce, serve until signalled, drain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import stat
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from . import systemd
 from .app import create_app
 from .config import Config
 from .inflight import InFlight
 from .keys import IN_FLIGHT
+from .logs import AccessLogger
 
 _log = logging.getLogger(__name__)
 _LAST_MOMENT = 0.5
 
 
 def _url(address: Any) -> str:
+    if isinstance(address, str):
+        return f"unix:{address}"
     host, port = address[0], address[1]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _sites(runner: web.AppRunner, config: Config) -> list[web.BaseSite]:
+    """Sockets passed by systemd if any; else the Unix socket if asked for; else TCP."""
+    if passed := systemd.listen_sockets():
+        return [web.SockSite(runner, sock) for sock in passed]
+    if config.unix_path is not None:
+        _remove_stale_socket(config.unix_path)
+        return [web.UnixSite(runner, str(config.unix_path))]
+    return [web.TCPSite(runner, config.host, config.port)]
+
+
+def _remove_stale_socket(path: Path) -> None:
+    # A socket file left by a server that is gone would make binding fail.
+    try:
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight requests finish and stop."""
+    systemd.notify("STATUS=starting: opening the storage and the worker processes")
     app = create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=config.shutdown_timeout)
-    # Startup (index, sweep, worker processes) completes before the socket is bound, so
+    runner = web.AppRunner(
+        app, access_log_class=AccessLogger, shutdown_timeout=config.shutdown_timeout
+    )
+    # Startup (index, sweep, worker processes) completes before any socket is bound, so
     # the first connection accepted can already be served.
     await runner.setup()
+    watchdog: asyncio.Task[None] | None = None
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        for site in _sites(runner, config):
+            await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         urls = ", ".join(_url(address) for address in runner.addresses)
         print(f"asgilook-aiohttp listening on {urls}", flush=True)
+        systemd.notify("READY=1", f"STATUS=serving on {urls}")
+        if (interval := systemd.watchdog_interval()) is not None:
+            watchdog = asyncio.create_task(systemd.keep_alive(interval))
         await stop.wait()
 
-        await _drain(runner, app[IN_FLIGHT], config.shutdown_timeout)
+        in_flight = app[IN_FLIGHT]
+        systemd.notify("STOPPING=1", f"STATUS=stopping: finishing {in_flight.count} requests")
+        await _drain(runner, in_flight, config.shutdown_timeout)
     finally:
         await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 async def _drain(runner: web.AppRunner, in_flight: InFlight, grace: float) -> None:

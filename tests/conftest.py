@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from asgilook_aiohttp.app import create_app
 from asgilook_aiohttp.config import Config
 
 from checks import Client, ClientFactory
+from serving import stop_all
 
 
 @pytest.fixture
@@ -36,3 +38,9 @@ def make_client(aiohttp_client: AiohttpClient, config: Config) -> ClientFactory:
 @pytest.fixture
 async def client(make_client: ClientFactory) -> Client:
     return await make_client()
+
+
+@pytest.fixture(autouse=True)
+async def stop_servers_left_running() -> AsyncIterator[None]:
+    yield
+    await stop_all()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -16,75 +15,7 @@ import pytest
 
 import samples
 from checks import image_object
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Server:
-    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
-        self.process = process
-        self.url = url
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    async def exit_code(self) -> int:
-        async with asyncio.timeout(30):
-            return await self.process.wait()
-
-
-_started: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-async def stop_servers_left_running() -> AsyncIterator[None]:
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            await process.wait()
-
-
-async def start_server(storage: Path, *flags: str) -> Server:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "run.py",
-        "--port",
-        "0",
-        "--storage",
-        str(storage),
-        "--workers",
-        "1",
-        *flags,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,  # its own process group, to find stray workers afterwards
-    )
-    _started.append(process)
-    assert process.stdout is not None
-    async with asyncio.timeout(30):
-        line = (await process.stdout.readline()).decode()
-    match = re.fullmatch(r"asgilook-aiohttp listening on (http://127\.0\.0\.1:\d+)\n", line)
-    assert match, line
-    return Server(process, match.group(1))
-
-
-def processes_in_group(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # Fields after the parenthesised command name: state, ppid, pgrp, ...
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+from serving import ROOT, Server, processes_in_group, start_server
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""Running the server as a real process for tests, and cleaning up after it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Server:
+    def __init__(self, process: asyncio.subprocess.Process, url: str) -> None:
+        self.process = process
+        self.url = url
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(30):
+            return await self.process.wait()
+
+
+_started: list[asyncio.subprocess.Process] = []
+
+
+async def stop_all() -> None:
+    """Kill whatever a test left running, with its whole process group."""
+    while _started:
+        process = _started.pop()
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+
+
+async def start_server(
+    storage: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    shell_prefix: str = "",
+    stderr: int | None = None,
+) -> Server:
+    """Start ``run.py`` on a free loopback port and wait for its "listening on" line.
+
+    ``shell_prefix`` runs first in bash before it execs the server (same pid), as a
+    service manager would prepare the process.
+    """
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
+    command = [
+        sys.executable,
+        "run.py",
+        "--port",
+        "0",
+        "--storage",
+        str(storage),
+        "--workers",
+        "1",
+        *flags,
+    ]
+    if shell_prefix:
+        command = ["bash", "-c", f'{shell_prefix} exec "$@"', "bash", *command]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        pass_fds=pass_fds,
+        start_new_session=True,  # its own process group, to find stray workers afterwards
+    )
+    _started.append(process)
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await process.stdout.readline()).decode()
+    match = re.fullmatch(r"asgilook-aiohttp listening on (\S+)\n", line)
+    assert match, line
+    return Server(process, match.group(1))
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # Fields after the parenthesised command name: state, ppid, pgrp, ...
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found

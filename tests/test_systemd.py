@@ -1,0 +1,180 @@
+"""The server under a stand-in for systemd: notifications, the watchdog, passed sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+import samples
+from checks import image_object
+from serving import processes_in_group, start_server
+
+PNG = samples.encode(samples.two_tone((640, 360)), "PNG")
+
+
+class NotifySocket:
+    """The datagram socket systemd listens on for sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        self._socket.setblocking(False)
+
+    async def next(self) -> list[str]:
+        async with asyncio.timeout(30):
+            data = await asyncio.get_running_loop().sock_recv(self._socket, 4096)
+        return data.decode().split("\n")
+
+    async def until(self, assignment: str) -> list[list[str]]:
+        """Every message up to and including the one with ``assignment``."""
+        seen = []
+        while True:
+            message = await self.next()
+            seen.append(message)
+            if assignment in message:
+                return seen
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    listener = NotifySocket(tmp_path / "notify.sock")
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def accepts(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, int(port))) == 0
+
+
+async def test_ready_watchdog_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"}
+    server = await start_server(tmp_path / "storage", env=env)
+    before_ready = await notify_socket.until("READY=1")
+    # READY=1 comes only once the socket accepts connections.
+    assert accepts(server.url)
+    assert any(line.startswith("STATUS=starting") for message in before_ready for line in message)
+    assert any(f"STATUS=serving on {server.url}" in message for message in before_ready)
+    # The watchdog is pinged every half WATCHDOG_USEC (0.1 s here).
+    pings = 0
+    while pings < 3:
+        pings += (await notify_socket.next()).count("WATCHDOG=1")
+
+    server.signal(signal.SIGTERM)
+    stopping = await notify_socket.until("STOPPING=1")
+    assert any(line.startswith("STATUS=stopping") for line in stopping[-1])
+    assert await server.exit_code() == 0
+
+
+async def test_serves_a_socket_passed_by_the_service_manager(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        fd = listener.fileno()
+        # As systemd does: the socket becomes fd 3, LISTEN_PID names the server's own pid.
+        prefix = f"exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;"
+        server = await start_server(tmp_path / "storage", pass_fds=(fd,), shell_prefix=prefix)
+    assert server.url == f"http://127.0.0.1:{port}"
+    async with session.post(f"{server.url}/images", data=PNG) as response:
+        assert response.status == 201
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_serves_on_a_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "asgilook.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # left behind by a server that is gone
+    server = await start_server(tmp_path / "storage", "--unix", str(path))
+    assert server.url == f"unix:{path}"
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.post("http://localhost/images", data=PNG) as response:
+            assert response.status == 201
+            image = await response.json()
+        async with session.get(f"http://localhost{image['image']}") as response:
+            assert response.status == 200
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_json_logs_carry_the_request_id(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(
+        tmp_path / "storage", "--log-format", "json", stderr=asyncio.subprocess.PIPE
+    )
+    async with session.get(f"{server.url}/images", headers={"X-Request-ID": "trace-42"}) as r:
+        assert r.headers["X-Request-ID"] == "trace-42"
+    async with session.post(f"{server.url}/images", data=b"not an image") as r:
+        generated = r.headers["X-Request-ID"]
+        assert len(generated) == 32
+    bad = "no spaces or \u00e9 allowed"
+    async with session.get(f"{server.url}/nowhere", headers={"X-Request-ID": bad}) as r:
+        assert r.headers["X-Request-ID"] != bad
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+    assert server.process.stderr is not None
+    lines = [json.loads(line) for line in (await server.process.stderr.read()).splitlines()]
+    access = {line["request_id"]: line for line in lines if line["logger"] == "aiohttp.access"}
+    assert access["trace-42"]["path"] == "/images"
+    assert access["trace-42"]["status"] == 200
+    assert access[generated]["method"] == "POST"
+    assert access[generated]["status"] == 415
+    assert all({"time", "level", "message"} <= line.keys() for line in lines)
+
+
+async def test_sigterm_lets_every_upload_in_flight_finish(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage, "--workers", "2")
+    bodies = [samples.encode(samples.photo((1600, 1200), seed), "PNG") for seed in range(3)]
+    started = asyncio.Barrier(len(bodies) + 1)
+
+    async def slow_body(data: bytes) -> AsyncIterator[bytes]:
+        yield data[:65536]
+        await started.wait()  # every upload has begun before the signal
+        await asyncio.sleep(0.3)
+        yield data[65536:]
+
+    async def upload(data: bytes) -> dict[str, object]:
+        async with session.post(f"{server.url}/images", data=slow_body(data)) as response:
+            assert response.status == 201
+            return image_object(await response.json())
+
+    uploads = [asyncio.create_task(upload(data)) for data in bodies]
+    await started.wait()
+    server.signal(signal.SIGTERM)
+    images = await asyncio.gather(*uploads)
+    assert await server.exit_code() == 0
+    await asyncio.sleep(0.2)
+    assert processes_in_group(server.process.pid) == []
+
+    restarted = await start_server(storage)
+    async with session.get(f"{restarted.url}/images") as response:
+        listed = await response.json()
+    assert sorted(image["id"] for image in listed) == sorted(str(i["id"]) for i in images)
+    restarted.signal(signal.SIGTERM)
+    assert await restarted.exit_code() == 0
