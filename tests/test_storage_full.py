@@ -1,4 +1,5 @@
-"""A full disk: uploads are refused with 507 and leave nothing, readiness says why."""
+"""Storage trouble: a full disk refuses uploads with 507 and leaves nothing; readiness
+says why, and recovers with the storage."""
 
 from __future__ import annotations
 
@@ -11,25 +12,32 @@ from pathlib import Path
 import pytest
 
 import samples
-from checks import ClientFactory, assert_nothing_stored, assert_problem
+from checks import Client, ClientFactory, assert_nothing_stored, assert_problem
+
+
+def mount(*arguments: str) -> None:
+    done = subprocess.run(["mount", *arguments], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.decode().strip()}")
+
+
+def umount(mount_point: Path) -> None:
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A file system of its own, of the given size."""
+    mount_point.mkdir()
+    mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point))
+    try:
+        yield mount_point
+    finally:
+        umount(mount_point)
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB file system of its own (needs root to mount a tmpfs)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    yield from tmpfs(tmp_path / "small", "4m")
 
 
 async def test_upload_to_a_full_disk_is_507(make_client: ClientFactory, small_disk: Path) -> None:
@@ -53,3 +61,17 @@ async def test_not_ready_without_room_for_an_upload(
     await client.close()
     roomy = await make_client(storage_path=small_disk / "storage", max_upload_bytes=1024 * 1024)
     assert (await roomy.get("/readyz")).status == 200
+
+
+async def test_readiness_follows_a_read_only_storage(client: Client, storage: Path) -> None:
+    assert (await client.get("/readyz")).status == 200
+    # A read-only bind mount over the storage directory: new writes there fail with EROFS.
+    mount("--bind", str(storage), str(storage))
+    try:
+        mount("-o", "remount,bind,ro", str(storage))
+        body = await assert_problem(await client.get("/readyz"), 503, "not-ready")
+        assert "not writable" in body["detail"]
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        umount(storage)
+    assert (await client.get("/readyz")).status == 200
