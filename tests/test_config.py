@@ -97,3 +97,29 @@ def test_bad_values_are_refused_with_a_message(
         Config.from_sources(argv, env)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_write_token_from_the_environment_or_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    assert Config.from_sources([], {}).write_token is None
+    assert Config.from_sources([], {"ASGILOOK_WRITE_TOKEN": "s3cret"}).write_token == "s3cret"
+    env = {"ASGILOOK_WRITE_TOKEN_FILE": str(token_file)}
+    assert Config.from_sources([], env).write_token == "from-a-file"
+    flag = ["--write-token-file", str(token_file)]
+    config = Config.from_sources(flag, {"ASGILOOK_WRITE_TOKEN": "s3cret"})
+    assert config.write_token == "from-a-file"
+    assert "from-a-file" not in repr(config)
+
+
+def test_write_token_problems_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv, env in (
+        (["--write-token-file", str(tmp_path / "missing")], {}),
+        ([], {"ASGILOOK_WRITE_TOKEN": "two words"}),
+        ([], {"ASGILOOK_WRITE_TOKEN": "  "}),
+    ):
+        with pytest.raises(SystemExit):
+            Config.from_sources(argv, env)
+    assert "cannot be read" in capsys.readouterr().err
