@@ -171,6 +171,7 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     assert await server.exit_code() == 0
     await asyncio.sleep(0.2)
     assert processes_in_group(server.process.pid) == []
+    assert list((storage / "staging").iterdir()) == []  # nothing half-written
 
     restarted = await start_server(storage)
     async with session.get(f"{restarted.url}/images") as response:
