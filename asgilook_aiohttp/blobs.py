@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import uuid
@@ -45,6 +46,8 @@ class Blobs:
         self._images = root / "images"
         self._thumbnails = root / "thumbnails"
         self._staging = root / "staging"
+        self._run = uuid.uuid4().hex[:12]
+        self._serial = itertools.count()
 
     def open(self) -> None:
         """Create the directories and remove whatever an interrupted upload left in staging."""
@@ -63,7 +66,8 @@ class Blobs:
         return self._thumbnail_directory(image_id) / f"{width}x{height}.jpeg"
 
     def staging_path(self, suffix: str) -> Path:
-        return self._staging / f"{uuid.uuid4().hex}{suffix}"
+        # Unique within this process, and apart from any earlier run's (swept anyway).
+        return self._staging / f"{self._run}-{next(self._serial)}{suffix}"
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> tuple[Path, int]:
         """Write a stream to a new staging file; return its path and size."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,19 @@ class Validators:
     """The entity tag's value, without quotes."""
     last_modified: int
     """Seconds since the epoch."""
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(timestamp: int) -> str:
+    """IMF-fixdate, as RFC 9110 wants, without email.utils' slower general path."""
+    t = time.gmtime(timestamp)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
 
 
 def validators(sha256: str, last_modified: int) -> Validators:
@@ -79,7 +92,7 @@ def _stamp(headers: dict[str, str], found: Validators) -> dict[str, str]:
     return {
         **headers,
         hdrs.ETAG: f'"{found.etag}"',
-        hdrs.LAST_MODIFIED: formatdate(found.last_modified, usegmt=True),
+        hdrs.LAST_MODIFIED: http_date(found.last_modified),
     }
 
 

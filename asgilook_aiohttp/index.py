@@ -47,6 +47,11 @@ CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
 )
 _COLUMNS = "id, uploaded, width, height, bytes, sha256, delete_token_sha256"
 _THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
+_IMAGE_FIELDS = _COLUMNS.split(", ")
+_JOINED_COLUMNS = ", ".join(
+    [f"images.{name}" for name in _IMAGE_FIELDS]
+    + [f"thumbnails.{name}" for name in _THUMBNAIL_COLUMNS.split(", ")]
+)
 CURSOR_QUERY = "SELECT seq FROM images WHERE id = ?"
 PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
 
@@ -126,8 +131,22 @@ class Index:
         self._thread.shutdown()
 
     async def add_pending(self, image_id: str) -> None:
-        """Journal an upload before its file is moved into place."""
-        await self._call(lambda db: db.execute("INSERT INTO pending (id) VALUES (?)", (image_id,)))
+        """Journal an upload before its file is moved into place.
+
+        Not fsynced: it reaches the disk with the image's own row, one commit later. A
+        crash of the process loses neither (SQLite has written both to the OS); a power
+        cut in between can lose this one and leave an unlisted file behind, never a
+        listed image without its file.
+        """
+
+        def add_pending(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                db.execute("INSERT INTO pending (id) VALUES (?)", (image_id,))
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
+        await self._call(add_pending)
 
     async def drop_pending(self, image_id: str) -> None:
         await self._call(lambda db: db.execute("DELETE FROM pending WHERE id = ?", (image_id,)))
@@ -210,16 +229,25 @@ class Index:
 
         return await self._call(delete)
 
-    async def thumbnail(self, image_id: str, width: int, height: int) -> ThumbnailRecord | None:
-        def thumbnail(db: sqlite3.Connection) -> ThumbnailRecord | None:
-            row = db.execute(
-                f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
-                "WHERE image_id = ? AND width = ? AND height = ?",
-                (image_id, width, height),
-            ).fetchone()
-            return ThumbnailRecord(*row) if row else None
+    async def image_and_thumbnail(
+        self, image_id: str, width: int, height: int
+    ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+        """An image and its kept thumbnail of this size, in one lookup; None where missing."""
 
-        return await self._call(thumbnail)
+        def lookup(db: sqlite3.Connection) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+            row = db.execute(
+                f"SELECT {_JOINED_COLUMNS} FROM images LEFT JOIN thumbnails "
+                "ON image_id = id AND thumbnails.width = ? AND thumbnails.height = ? "
+                "WHERE id = ?",
+                (width, height, image_id),
+            ).fetchone()
+            if row is None:
+                return None, None
+            image, thumbnail = row[: len(_IMAGE_FIELDS)], row[len(_IMAGE_FIELDS) :]
+            kept = ThumbnailRecord(*thumbnail) if thumbnail[0] is not None else None
+            return ImageRecord(*image), kept
+
+        return await self._call(lookup)
 
     async def add_thumbnail(self, record: ThumbnailRecord) -> bool:
         """Record a thumbnail whose file is in place; False if its image is gone."""

@@ -224,11 +224,17 @@ class Store:
     def thumbnail_sizes(self, record: ImageRecord) -> list[tuple[int, int]]:
         return thumbnail_sizes(record.width, record.height, self._config.min_thumbnail_side)
 
-    async def thumbnail(
+    async def image_and_thumbnail(
+        self, image_id: str, width: int, height: int
+    ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+        """An image and its kept thumbnail of this size, if there are."""
+        return await self._thumbnails.lookup(image_id, width, height)
+
+    async def make_thumbnail(
         self, record: ImageRecord, width: int, height: int
     ) -> ThumbnailRecord | None:
-        """A thumbnail of a listed size, made if need be; None if the image is gone."""
-        return await self._thumbnails.get(record, width, height)
+        """A thumbnail of a listed size, made now; None if the image has gone meanwhile."""
+        return await self._thumbnails.make(record, width, height)
 
     def thumbnail_path(self, thumbnail: ThumbnailRecord) -> Path:
         return self._thumbnails.path(thumbnail)

@@ -58,14 +58,22 @@ class Thumbnails:
         """Account for thumbnails removed with their image."""
         self._kept_bytes -= nbytes
 
-    async def get(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
-        """The kept thumbnail, made now if need be; None if the image has gone meanwhile."""
-        record = await self._index.thumbnail(image.id, width, height)
-        if record is not None:
+    async def lookup(
+        self, image_id: str, width: int, height: int
+    ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+        """The image and its kept thumbnail of this size, if there are."""
+        image, kept = await self._index.image_and_thumbnail(image_id, width, height)
+        if kept is not None:
             now = int(time.time())
-            if now - record.last_used >= TOUCH_INTERVAL:
-                await self._index.touch_thumbnail(record, now)
-            return record
+            if now - kept.last_used >= TOUCH_INTERVAL:
+                await self._index.touch_thumbnail(kept, now)
+        return image, kept
+
+    async def make(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
+        """Make and keep a thumbnail; None if the image has gone meanwhile.
+
+        Requests for one that is already being made wait for that conversion.
+        """
         key = (image.id, width, height)
         making = self._making.get(key)
         if making is None:

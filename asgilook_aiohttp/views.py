@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
 
 from . import auth, caching, uploads
+from .caching import http_date
 from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from .errors import Problem, bad_request, not_found
 from .index import ImageRecord, UnknownCursor
@@ -37,15 +37,18 @@ class _Resource(web.View):
         return record
 
     def image_object(self, record: ImageRecord) -> dict[str, Any]:
+        # The named routes' patterns, filled in directly: url_for() would quote and parse
+        # each URL, which dominated the cost of a page; ids and sizes need no quoting.
         router = self.request.app.router
-        thumbnail = router["thumbnail"]
+        image_file = router["image-file"].canonical
+        thumbnail = router["thumbnail"].canonical
         return {
             "id": record.id,
-            "image": str(router["image-file"].url_for(image_id=record.id)),
-            "modified": formatdate(record.uploaded, usegmt=True),
+            "image": image_file.format(image_id=record.id),
+            "modified": http_date(record.uploaded),
             "size": [record.width, record.height],
             "thumbnails": [
-                str(thumbnail.url_for(image_id=record.id, width=str(w), height=str(h)))
+                thumbnail.format(image_id=record.id, width=w, height=h)
                 for w, h in self.store.thumbnail_sizes(record)
             ],
         }
@@ -115,15 +118,19 @@ class ImageFile(_Resource):
 
 class Thumbnail(_Resource):
     async def get(self) -> web.StreamResponse:
-        record = await self.record()
+        image_id = self.request.match_info["image_id"]
         width = int(self.request.match_info["width"])
         height = int(self.request.match_info["height"])
+        record, thumbnail = await self.store.image_and_thumbnail(image_id, width, height)
+        if record is None:
+            raise not_found(f"there is no image with id {image_id}")
         if (width, height) not in self.store.thumbnail_sizes(record):
             raise not_found(
                 f"image {record.id} has no {width}x{height} thumbnail; "
                 "its image object lists the sizes it has"
             )
-        thumbnail = await self.store.thumbnail(record, width, height)
+        if thumbnail is None:
+            thumbnail = await self.store.make_thumbnail(record, width, height)
         if thumbnail is None:
             raise not_found(f"there is no image with id {record.id}")
         return caching.file_response(

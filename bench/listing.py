@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sqlite3
 import statistics
 import sys
@@ -24,6 +23,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import percentile, start_server  # noqa: E402
 
 from asgilook_aiohttp.index import Index  # noqa: E402
 from asgilook_aiohttp.store import INDEX_FILE  # noqa: E402
@@ -45,30 +46,6 @@ async def fill(storage: Path, count: int) -> str:
     return ids[count * 9 // 10 - 100]
 
 
-async def start_server(storage: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "run.py"),
-        "--port",
-        "0",
-        "--storage",
-        str(storage),
-        "--workers",
-        "1",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-    match = re.search(r"http://127\.0\.0\.1:\d+", line)
-    assert match, line
-    return process, match.group(0)
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(len(samples) * fraction))]
-
-
 async def timings(session: aiohttp.ClientSession, url: str, requests: int) -> list[float]:
     results = []
     for _ in range(requests):
@@ -88,15 +65,14 @@ async def main(sizes: list[int], requests: int) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             storage = Path(scratch) / "storage"
             deep_id = await fill(storage, size)
-            process, base = await start_server(storage)
+            server = await start_server(storage, "--workers", "1")
             try:
-                async with aiohttp.ClientSession(base) as session:
+                async with aiohttp.ClientSession(server.url) as session:
                     await timings(session, "/images?limit=100", 20)  # warm up
                     first = await timings(session, "/images?limit=100", requests)
                     deep = await timings(session, f"/images?limit=100&after={deep_id}", requests)
             finally:
-                process.terminate()
-                await process.wait()
+                await server.stop()
         print(
             f"{size:>10,} {statistics.median(first) * 1e3:10.2f} "
             f"{percentile(first, 0.99) * 1e3:10.2f} {statistics.median(deep) * 1e3:9.2f} "

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from asgilook_aiohttp.caching import http_date
+
 import samples
 from checks import Client, ClientFactory, assert_problem
 
@@ -176,3 +178,8 @@ async def test_list_is_revalidated_and_its_etag_follows_its_content(client: Clie
     assert changed.status == 200
     assert changed.headers["ETag"] != etag
     assert len(await changed.json()) == 1
+
+
+def test_http_dates_are_imf_fixdate() -> None:
+    for timestamp in (0, 951_782_400, 1_577_208_739, 1_709_164_800, 4_102_444_799):
+        assert http_date(timestamp) == formatdate(timestamp, usegmt=True)

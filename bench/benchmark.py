@@ -1,0 +1,299 @@
+"""The whole benchmark: uploads against the machine's limit, responsiveness, listing,
+downloads, thumbnails and memory, each against the real server on loopback.
+
+    python bench/benchmark.py [--json] [--seconds 4] [--listing-sizes 1000,100000,1000000]
+
+Prints a table (or, with --json, one JSON document) and the verdict on each target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import listing
+from common import ROOT, Server, encode, percentile, photo, start_server, tree_rss
+
+sys.path.insert(0, str(ROOT))
+from asgilook_aiohttp import imaging
+
+WORKERS = max(1, len(os.sched_getaffinity(0)))
+CONCURRENCY = (1, 4, 16)
+
+
+def sample_images() -> dict[str, bytes]:
+    return {
+        "12 MP JPEG": encode(photo((4000, 3000)), "JPEG", quality=90),
+        "2 MP PNG": encode(photo((1633, 1225), 1), "PNG"),
+        "0.3 MP PNG": encode(photo((632, 474), 2), "PNG"),
+    }
+
+
+def _convert_once(source: str, scratch: str) -> None:
+    destination = os.path.join(scratch, f"{uuid.uuid4().hex}.jpeg")
+    imaging.convert_upload(source, destination, 50_000_000, 90)
+    os.remove(destination)
+
+
+def in_process_limit(data: bytes, seconds: float) -> float:
+    """Images per second when WORKERS processes do nothing but this conversion."""
+    with tempfile.TemporaryDirectory() as scratch:
+        source = os.path.join(scratch, "source")
+        Path(source).write_bytes(data)
+        with ProcessPoolExecutor(WORKERS) as pool:
+            list(pool.map(_convert_once, [source] * WORKERS, [scratch] * WORKERS))  # warm up
+            start = time.perf_counter()
+            _convert_once(source, scratch)
+            jobs = max(4 * WORKERS, int(seconds * WORKERS / (time.perf_counter() - start)))
+            start = time.perf_counter()
+            list(pool.map(_convert_once, [source] * jobs, [scratch] * jobs))
+            return jobs / (time.perf_counter() - start)
+
+
+async def load(
+    concurrency: int, count: int, request: Callable[[], Awaitable[None]]
+) -> tuple[float, list[float]]:
+    """Run ``count`` requests ``concurrency`` at a time: (per second, latencies)."""
+    latencies: list[float] = []
+    remaining = count
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            start = time.perf_counter()
+            await request()
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return count / (time.perf_counter() - start), latencies
+
+
+def uploader(session: aiohttp.ClientSession, data: bytes) -> Callable[[], Awaitable[None]]:
+    async def upload() -> None:
+        async with session.post("/images", data=io.BytesIO(data)) as response:
+            assert response.status == 201, await response.text()
+            await response.read()
+
+    return upload
+
+
+def getter(session: aiohttp.ClientSession, path: str) -> Callable[[], Awaitable[None]]:
+    async def get() -> None:
+        async with session.get(path) as response:
+            assert response.status == 200, response.status
+            await response.read()
+
+    return get
+
+
+async def uploads(
+    session: aiohttp.ClientSession, images: dict[str, bytes], seconds: float
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, data in images.items():
+        limit = await asyncio.to_thread(in_process_limit, data, seconds)
+        for concurrency in CONCURRENCY:
+            count = max(2 * concurrency, int(limit * seconds))
+            rate, latencies = await load(concurrency, count, uploader(session, data))
+            rows.append(
+                {
+                    "image": name,
+                    "concurrency": concurrency,
+                    "images_per_s": rate,
+                    "p50_ms": statistics.median(latencies) * 1e3,
+                    "p99_ms": percentile(latencies, 0.99) * 1e3,
+                    "limit_per_s": limit,
+                    "ratio": rate / limit,
+                }
+            )
+    return rows
+
+
+async def under_saturation(
+    session: aiohttp.ClientSession, server: Server, photo_jpeg: bytes, seconds: float
+) -> dict[str, float]:
+    """/healthz latency and peak memory while 16 uploads of 12 MP keep every worker busy."""
+    stop = asyncio.Event()
+    peak = 0
+    health: list[float] = []
+
+    async def saturate() -> None:
+        upload = uploader(session, photo_jpeg)
+        while not stop.is_set():
+            await upload()
+
+    async def probe() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            start = time.perf_counter()
+            async with session.get("/healthz") as response:
+                await response.read()
+            health.append(time.perf_counter() - start)
+            peak = max(peak, tree_rss(server.process.pid))
+            await asyncio.sleep(0.02)
+
+    uploads = [asyncio.create_task(saturate()) for _ in range(16)]
+    await asyncio.sleep(1)  # let the queue fill
+    prober = asyncio.create_task(probe())
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(prober, *uploads)
+    return {
+        "healthz_p50_ms": statistics.median(health) * 1e3,
+        "healthz_p99_ms": percentile(health, 0.99) * 1e3,
+        "peak_rss_mib": peak / 2**20,
+    }
+
+
+async def downloads(
+    session: aiohttp.ClientSession, images: dict[str, bytes], seconds: float
+) -> dict[str, float]:
+    stored = {}
+    for name in ("0.3 MP PNG", "12 MP JPEG"):
+        async with session.post("/images", data=io.BytesIO(images[name])) as response:
+            stored[name] = await response.json()
+    small, large = stored["0.3 MP PNG"], stored["12 MP JPEG"]
+    results = {}
+    rate, _ = await load(16, int(2000 * seconds), getter(session, small["image"]))
+    results["small_requests_per_s"] = rate
+    large_bytes = len(await (await session.get(large["image"])).read())
+    rate, _ = await load(16, int(100 * seconds), getter(session, large["image"]))
+    results["large_mb_per_s"] = rate * large_bytes / 1e6
+
+    thumbnail = large["thumbnails"][2]
+    start = time.perf_counter()
+    await getter(session, thumbnail)()
+    results["thumbnail_cold_ms"] = (time.perf_counter() - start) * 1e3
+    rate, latencies = await load(1, 200, getter(session, thumbnail))
+    results["thumbnail_warm_ms"] = statistics.median(latencies) * 1e3
+    results["thumbnail_warm_per_s"], _ = await load(
+        16, int(2000 * seconds), getter(session, thumbnail)
+    )
+    _, latencies = await load(1, 200, getter(session, small["image"]))
+    results["original_warm_ms"] = statistics.median(latencies) * 1e3
+    return results
+
+
+async def listings(sizes: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as scratch:
+            storage = Path(scratch) / "storage"
+            deep_id = await listing.fill(storage, size)
+            server = await start_server(storage, "--workers", "1")
+            try:
+                async with aiohttp.ClientSession(server.url) as session:
+                    await listing.timings(session, "/images?limit=100", 20)
+                    first = await listing.timings(session, "/images?limit=100", 300)
+                    deep = await listing.timings(session, f"/images?limit=100&after={deep_id}", 300)
+            finally:
+                await server.stop()
+        rows.append(
+            {
+                "images": size,
+                "first_p50_ms": statistics.median(first) * 1e3,
+                "first_p99_ms": percentile(first, 0.99) * 1e3,
+                "deep_p50_ms": statistics.median(deep) * 1e3,
+                "deep_p99_ms": percentile(deep, 0.99) * 1e3,
+            }
+        )
+    return rows
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, bool]:
+    saturated = [row for row in report["uploads"] if row["concurrency"] == 16]
+    first, last = report["listing"][0], report["listing"][-1]
+    downloads = report["downloads"]
+    return {
+        "upload throughput >= 90% of the limit": all(row["ratio"] >= 0.9 for row in saturated),
+        "healthz p99 <= 50 ms under load": report["saturation"]["healthz_p99_ms"] <= 50,
+        "listing p99 at the largest size <= 1.5x the smallest": (
+            last["first_p99_ms"] <= 1.5 * first["first_p99_ms"]
+            and last["deep_p99_ms"] <= 1.5 * first["deep_p99_ms"]
+        ),
+        "warm thumbnail as fast as a warm original": (
+            downloads["thumbnail_warm_ms"] <= 1.25 * downloads["original_warm_ms"]
+        ),
+        "peak RSS <= 600 MiB": report["saturation"]["peak_rss_mib"] <= 600,
+    }
+
+
+async def main(seconds: float, listing_sizes: list[int]) -> dict[str, Any]:
+    images = sample_images()
+    report: dict[str, Any] = {"workers": WORKERS, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as scratch:
+        server = await start_server(Path(scratch) / "storage")
+        try:
+            timeout = aiohttp.ClientTimeout(total=300)
+            connector = aiohttp.TCPConnector(limit=64)
+            async with aiohttp.ClientSession(
+                server.url, timeout=timeout, connector=connector
+            ) as session:
+                report["uploads"] = await uploads(session, images, seconds)
+                report["saturation"] = await under_saturation(
+                    session, server, images["12 MP JPEG"], seconds
+                )
+                report["downloads"] = await downloads(session, images, seconds)
+        finally:
+            await server.stop()
+    report["listing"] = await listings(listing_sizes)
+    report["targets"] = verdicts(report)
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"{report['workers']} workers on {report['cpus']} CPUs")
+    print(
+        f"\n{'upload':<11} {'conc':>4} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'limit/s':>8} {'ratio':>6}"
+    )
+    for row in report["uploads"]:
+        print(
+            f"{row['image']:<11} {row['concurrency']:>4} {row['images_per_s']:7.1f} "
+            f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['limit_per_s']:8.1f} "
+            f"{row['ratio']:6.2f}"
+        )
+    print("\nunder 16 concurrent 12 MP uploads:")
+    for key, value in report["saturation"].items():
+        print(f"  {key:<20} {value:8.1f}")
+    print("\ndownloads (concurrency 16) and thumbnails:")
+    for key, value in report["downloads"].items():
+        print(f"  {key:<22} {value:8.1f}")
+    print(f"\n{'listing':>10} {'first p50':>10} {'first p99':>10} {'deep p50':>9} {'deep p99':>9}")
+    for row in report["listing"]:
+        print(
+            f"{row['images']:>10,} {row['first_p50_ms']:10.2f} {row['first_p99_ms']:10.2f} "
+            f"{row['deep_p50_ms']:9.2f} {row['deep_p99_ms']:9.2f}"
+        )
+    print("\ntargets:")
+    for target, met in report["targets"].items():
+        print(f"  {'met ' if met else 'MISSED'} {target}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
+    parser.add_argument("--listing-sizes", default="1000,100000,1000000")
+    arguments = parser.parse_args()
+    sizes = [int(n) for n in arguments.listing_sizes.split(",")]
+    result = asyncio.run(main(arguments.seconds, sizes))
+    if arguments.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)

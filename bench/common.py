@@ -1,0 +1,88 @@
+"""What every benchmark needs: the real server as a subprocess, test images, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    process: asyncio.subprocess.Process
+    url: str
+
+    async def stop(self) -> None:
+        self.process.terminate()
+        await self.process.wait()
+
+
+async def start_server(storage: Path, *flags: str) -> Server:
+    """``run.py`` on a free loopback port, with fresh or given storage; quiet."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "run.py"),
+        "--port",
+        "0",
+        "--storage",
+        str(storage),
+        *flags,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    assert match, line
+    return Server(process, match.group(0))
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Photo-like content: smooth gradients with grain, the same for the same seed."""
+    ramp = Image.linear_gradient("L").resize(size)
+    noise = Image.frombytes("L", size, random.Random(seed).randbytes(size[0] * size[1]))
+    grain = Image.blend(ramp, noise, 0.3)
+    return Image.merge("RGB", (ramp, grain, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        rss[child] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += rss.get(current, 0)
+        todo.extend(children.get(current, []))
+    return total
