@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
-import random
-import re
 import statistics
 import sys
 import tempfile
@@ -28,17 +25,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import encode, photo, start_server  # noqa: E402
+
 from asgilook_aiohttp import imaging  # noqa: E402
-
-
-def photo_jpeg(size: tuple[int, int] = (4000, 3000)) -> bytes:
-    ramp = Image.linear_gradient("L").resize(size)
-    noise = Image.frombytes("L", size, random.Random(0).randbytes(size[0] * size[1]))
-    grain = Image.blend(ramp, noise, 0.3)
-    image = Image.merge("RGB", (ramp, grain, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def make_without_draft(source: str, destination: str, width: int, height: int) -> None:
@@ -63,24 +52,6 @@ def in_process(source: str, size: tuple[int, int], rounds: int) -> tuple[float, 
     return statistics.median(timings[True]), statistics.median(timings[False])
 
 
-async def start_server(storage: Path) -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "run.py"),
-        "--port",
-        "0",
-        "--storage",
-        str(storage),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    match = re.search(r"http://127\.0\.0\.1:\d+", line)
-    assert match, line
-    return process, match.group(0)
-
-
 async def timed_get(session: aiohttp.ClientSession, url: str) -> float:
     start = time.perf_counter()
     async with session.get(url) as response:
@@ -90,11 +61,11 @@ async def timed_get(session: aiohttp.ClientSession, url: str) -> float:
 
 
 async def main(rounds: int) -> None:
-    data = photo_jpeg()
+    data = encode(photo((4000, 3000)), "JPEG", quality=90)
     with tempfile.TemporaryDirectory() as scratch:
-        process, base = await start_server(Path(scratch) / "storage")
+        server = await start_server(Path(scratch) / "storage")
         try:
-            async with aiohttp.ClientSession(base) as session:
+            async with aiohttp.ClientSession(server.url) as session:
                 async with session.post("/images", data=data) as response:
                     image = await response.json()
                 source = Path(scratch) / "source.jpeg"
@@ -116,8 +87,7 @@ async def main(rounds: int) -> None:
                         f"{draft * 1e3:9.1f} {no_draft * 1e3:12.1f} {no_draft / draft:8.1f}x"
                     )
         finally:
-            process.terminate()
-            await process.wait()
+            await server.stop()
 
 
 if __name__ == "__main__":
