@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
 from . import logs
@@ -12,6 +13,8 @@ from .server import serve
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = Config.from_sources(argv)
+    # Read once; the worker processes that decode untrusted images need not see it.
+    os.environ.pop("ASGILOOK_WRITE_TOKEN", None)
     logs.configure(config.log_format)
     asyncio.run(serve(config))
 

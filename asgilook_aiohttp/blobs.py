@@ -83,6 +83,9 @@ class Blobs:
             raise
         return path, size
 
+    async def existing(self, path: Path) -> Path | None:
+        return path if await asyncio.to_thread(path.is_file) else None
+
     async def discard(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 

@@ -40,6 +40,8 @@ class Validators:
     """The entity tag's value, without quotes."""
     last_modified: int
     """Seconds since the epoch."""
+    strong_date: bool = True
+    """Whether the date alone pins the bytes down, so that If-Range may name it."""
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -55,8 +57,8 @@ def http_date(timestamp: int) -> str:
     )
 
 
-def validators(sha256: str, last_modified: int) -> Validators:
-    return Validators(sha256[:32], last_modified)
+def validators(sha256: str, last_modified: int, *, strong_date: bool = True) -> Validators:
+    return Validators(sha256[:32], last_modified, strong_date)
 
 
 def _matches(request: web.Request, header: str, etag: str, *, weak: bool) -> bool:
@@ -96,11 +98,18 @@ def _stamp(headers: dict[str, str], found: Validators) -> dict[str, str]:
     }
 
 
-def json_response(request: web.Request, data: Any, cache_control: str = REVALIDATE) -> web.Response:
-    """A JSON answer with an ETag of its own bytes, or 304 if the client has them."""
+def json_response(
+    request: web.Request, data: Any, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer with an ETag of its bytes and of ``headers`` (a Link, say), or 304 if
+    the client has them."""
     body = json.dumps(data).encode()
-    etag = hashlib.sha256(body).hexdigest()[:32]
-    headers = {hdrs.CACHE_CONTROL: cache_control, hdrs.ETAG: f'"{etag}"'}
+    extra = headers or {}
+    digest = hashlib.sha256(body)
+    for name, value in sorted(extra.items()):
+        digest.update(f"\n{name}: {value}".encode())
+    etag = digest.hexdigest()[:32]
+    headers = {**extra, hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{etag}"'}
     if hdrs.IF_NONE_MATCH in request.headers and _matches(
         request, hdrs.IF_NONE_MATCH, etag, weak=True
     ):
@@ -112,11 +121,8 @@ def file_response(
     request: web.Request, path: Path, size: int, found: Validators
 ) -> web.StreamResponse:
     """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for."""
-    headers: dict[str, str] = {hdrs.CACHE_CONTROL: IMMUTABLE}
-    _precondition(request, found, headers)
-    keep_range = _range_applies(request, size, found)
-    headers = {**_stamp(headers, found), hdrs.CONTENT_TYPE: "image/jpeg"}
-    return _StoredFile(path, found, keep_range, headers)
+    _precondition(request, found, {hdrs.CACHE_CONTROL: IMMUTABLE})
+    return _StoredFile(path, found, _range_applies(request, size, found))
 
 
 def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
@@ -127,7 +133,8 @@ def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
         requested = request.http_range
     except ValueError:
         return False  # a Range we cannot read (several ranges, other units) is ignored
-    if requested.start is not None and requested.start >= size:
+    empty_suffix = request.headers[hdrs.RANGE].replace(" ", "").lower() == "bytes=-0"
+    if empty_suffix or (requested.start is not None and requested.start >= size):
         raise Problem(
             416,
             "range-not-satisfiable",
@@ -143,17 +150,15 @@ def _if_range_holds(request: web.Request, found: Validators) -> bool:
         return True
     if condition.startswith('"'):
         return condition == f'"{found.etag}"'
-    if condition.startswith("W/"):
-        return False  # a weak tag never allows a range
+    if condition.startswith("W/") or not found.strong_date:
+        return False  # only a strong validator may let a range through
     date = request.if_range
     return date is not None and int(date.timestamp()) == found.last_modified
 
 
 class _StoredFile(web.FileResponse):
-    def __init__(
-        self, path: Path, found: Validators, keep_range: bool, headers: dict[str, str]
-    ) -> None:
-        super().__init__(path, headers=headers)
+    def __init__(self, path: Path, found: Validators, keep_range: bool) -> None:
+        super().__init__(path)
         self._found = found
         self._keep_range = keep_range
 
@@ -167,8 +172,10 @@ class _StoredFile(web.FileResponse):
 
 
 async def restore_validators(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: put back the content validators that FileResponse replaced
-    with ones made from the file's mtime and size."""
-    if isinstance(response, _StoredFile):
+    """``on_response_prepare``: give a stored file its content validators in place of the
+    ones FileResponse made from the file's mtime and size, and the year of caching, but
+    only when it is really being sent (not on the 404 of a file deleted meanwhile)."""
+    if isinstance(response, _StoredFile) and response.status in (200, 206):
         response.etag = response._found.etag
         response.last_modified = response._found.last_modified
+        response.headers[hdrs.CACHE_CONTROL] = IMMUTABLE

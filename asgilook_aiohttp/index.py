@@ -249,26 +249,33 @@ class Index:
 
         return await self._call(lookup)
 
-    async def add_thumbnail(self, record: ThumbnailRecord) -> bool:
-        """Record a thumbnail whose file is in place; False if its image is gone."""
+    async def add_thumbnail(self, record: ThumbnailRecord) -> int | None:
+        """Record a thumbnail whose file is in place: the bytes of the row it replaced (0 if
+        none), or None if its image is gone."""
 
-        def add(db: sqlite3.Connection) -> bool:
-            try:
-                db.execute(
-                    f"INSERT OR REPLACE INTO thumbnails ({_THUMBNAIL_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        record.image_id,
-                        record.width,
-                        record.height,
-                        record.nbytes,
-                        record.sha256,
-                        record.last_used,
-                    ),
-                )
-            except sqlite3.IntegrityError:  # the image was deleted meanwhile
-                return False
-            return True
+        def add(db: sqlite3.Connection) -> int | None:
+            with db:
+                db.execute("BEGIN")
+                old = db.execute(
+                    "SELECT bytes FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
+                    (record.image_id, record.width, record.height),
+                ).fetchone()
+                try:
+                    db.execute(
+                        f"INSERT OR REPLACE INTO thumbnails ({_THUMBNAIL_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            record.image_id,
+                            record.width,
+                            record.height,
+                            record.nbytes,
+                            record.sha256,
+                            record.last_used,
+                        ),
+                    )
+                except sqlite3.IntegrityError:  # the image was deleted meanwhile
+                    return None
+            return int(old[0]) if old else 0
 
         return await self._call(add)
 

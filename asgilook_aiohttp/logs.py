@@ -47,7 +47,8 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
-            "bytes": response.body_length,
+            # A file sent with sendfile() shows only its headers in body_length.
+            "bytes": response.content_length or response.body_length,
             "duration_ms": round(time * 1000, 3),
             "user_agent": request.headers.get("User-Agent", "-"),
         }

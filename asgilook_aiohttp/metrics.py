@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -80,10 +80,9 @@ class Metrics:
             raise
         finally:
             route = _route(request)
-            self.requests.labels(route, request.method, str(status)).inc()
-            self.request_seconds.labels(route, request.method).observe(
-                time.perf_counter() - started
-            )
+            method = request.method if request.method in hdrs.METH_ALL else "other"
+            self.requests.labels(route, method, str(status)).inc()
+            self.request_seconds.labels(route, method).observe(time.perf_counter() - started)
             problem = request.get(PROBLEM)
             if problem and route == "/images" and request.method == "POST":
                 self.rejections.labels(problem).inc()

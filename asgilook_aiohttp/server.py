@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,17 @@ def _sites(runner: web.AppRunner, config: Config) -> list[web.BaseSite]:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    # A socket file left by a server that is gone would make binding fail.
+    """A socket file left by a server that is gone would make binding fail; one that a
+    live server answers on is not ours to take."""
     try:
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return
     except FileNotFoundError:
-        pass
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        if probe.connect_ex(str(path)) == 0:
+            raise SystemExit(f"asgilook-aiohttp: another server is listening on {path}")
+    path.unlink()
 
 
 async def serve(config: Config) -> None:

@@ -199,8 +199,9 @@ class Store:
     async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
         return await self._index.page(limit, after)
 
-    def file_path(self, record: ImageRecord) -> Path:
-        return self._blobs.path(record.id)
+    async def image_file(self, record: ImageRecord) -> Path | None:
+        """The stored JPEG's path, or None if it is gone (deleted since the lookup)."""
+        return await self._blobs.existing(self._blobs.path(record.id))
 
     async def delete(self, image_id: str, delete_token: str | None = None) -> bool:
         """Remove an image with its thumbnails and files.

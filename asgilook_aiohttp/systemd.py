@@ -34,7 +34,7 @@ def watchdog_interval(environ: MutableMapping[str, str] = os.environ) -> float |
     """Seconds between keep-alive pings (half the watchdog timeout), or None if unwatched."""
     usec = environ.get("WATCHDOG_USEC")
     pid = environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+    if not usec or not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2 / 1_000_000
 
@@ -56,5 +56,13 @@ def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socke
     sockets = []
     for fd in range(_FIRST_PASSED_FD, _FIRST_PASSED_FD + count):
         os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        passed = socket.socket(fileno=fd)
+        # Only listening stream sockets can carry HTTP; others (a datagram socket for
+        # something else, say) are not ours to serve.
+        if passed.type == socket.SOCK_STREAM and passed.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sockets.append(passed)
+        else:
+            passed.detach()
     return sockets

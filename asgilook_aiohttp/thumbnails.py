@@ -63,6 +63,8 @@ class Thumbnails:
     ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
         """The image and its kept thumbnail of this size, if there are."""
         image, kept = await self._index.image_and_thumbnail(image_id, width, height)
+        if kept is not None and await self._blobs.existing(self.path(kept)) is None:
+            kept = None  # its file went with an eviction racing a remake: make it again
         if kept is not None:
             now = int(time.time())
             if now - kept.last_used >= TOUCH_INTERVAL:
@@ -108,10 +110,11 @@ class Thumbnails:
         record = ThumbnailRecord(
             image.id, width, height, made.nbytes, made.sha256, int(time.time())
         )
-        if not await self._index.add_thumbnail(record):
+        replaced = await self._index.add_thumbnail(record)
+        if replaced is None:
             await self._blobs.discard_thumbnail(final)
             return None
-        self._kept_bytes += record.nbytes
+        self._kept_bytes += record.nbytes - replaced
         await self._keep_within_budget(record)
         return record
 
@@ -122,4 +125,5 @@ class Thumbnails:
                 return
             for evicted in await self._index.evict_thumbnails(excess, keep):
                 self._kept_bytes -= evicted.nbytes
-                await self._blobs.discard_thumbnail(self.path(evicted))
+                if (evicted.image_id, evicted.width, evicted.height) not in self._making:
+                    await self._blobs.discard_thumbnail(self.path(evicted))

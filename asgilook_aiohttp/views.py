@@ -64,17 +64,17 @@ class ImageCollection(_Resource):
                 "unknown-cursor",
                 f"after={after} names no stored image; start again without 'after'",
             ) from None
-        response = caching.json_response(
-            self.request, [self.image_object(record) for record in records]
-        )
+        headers = {}
         if more:
             next_page = (
                 self.request.app.router["images"]
                 .url_for()
                 .with_query(limit=limit, after=records[-1].id)
             )
-            response.headers["Link"] = f'<{next_page}>; rel="next"'
-        return response
+            headers["Link"] = f'<{next_page}>; rel="next"'
+        return caching.json_response(
+            self.request, [self.image_object(record) for record in records], headers
+        )
 
     async def post(self) -> web.StreamResponse:
         config = self.request.app[CONFIG]
@@ -108,11 +108,11 @@ class ImageItem(_Resource):
 class ImageFile(_Resource):
     async def get(self) -> web.StreamResponse:
         record = await self.record()
+        path = await self.store.image_file(record)
+        if path is None:  # deleted since the lookup
+            raise not_found(f"there is no image with id {record.id}")
         return caching.file_response(
-            self.request,
-            self.store.file_path(record),
-            record.nbytes,
-            caching.validators(record.sha256, record.uploaded),
+            self.request, path, record.nbytes, caching.validators(record.sha256, record.uploaded)
         )
 
 
@@ -133,11 +133,11 @@ class Thumbnail(_Resource):
             thumbnail = await self.store.make_thumbnail(record, width, height)
         if thumbnail is None:
             raise not_found(f"there is no image with id {record.id}")
+        # Made again after an eviction, or on another server, a thumbnail may differ in its
+        # bytes but not in its date: the date is no strong validator.
+        found = caching.validators(thumbnail.sha256, record.uploaded, strong_date=False)
         return caching.file_response(
-            self.request,
-            self.store.thumbnail_path(thumbnail),
-            thumbnail.nbytes,
-            caching.validators(thumbnail.sha256, record.uploaded),
+            self.request, self.store.thumbnail_path(thumbnail), thumbnail.nbytes, found
         )
 
 
