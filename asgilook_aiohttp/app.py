@@ -42,6 +42,7 @@ def create_app(config: Config) -> web.Application:
     app[IN_FLIGHT] = in_flight
     app[METRICS] = metrics
     app.on_response_prepare.append(caching.restore_validators)
+    app.on_response_prepare.append(metrics.on_response_prepare)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")

@@ -101,20 +101,45 @@ def _stamp(headers: dict[str, str], found: Validators) -> dict[str, str]:
 def json_response(
     request: web.Request, data: Any, headers: dict[str, str] | None = None
 ) -> web.Response:
-    """A JSON answer with an ETag of its bytes and of ``headers`` (a Link, say), or 304 if
-    the client has them."""
-    body = json.dumps(data).encode()
+    """A JSON answer with an ETag of its bytes and of ``headers`` (a Link, say), or the
+    304 or 412 its preconditions call for."""
     extra = headers or {}
-    digest = hashlib.sha256(body)
-    for name, value in sorted(extra.items()):
-        digest.update(f"\n{name}: {value}".encode())
-    etag = digest.hexdigest()[:32]
+    body, etag = _json_entity(data, extra)
+    if hdrs.IF_MATCH in request.headers and not _matches(request, hdrs.IF_MATCH, etag, weak=False):
+        raise _precondition_failed("If-Match")
     headers = {**extra, hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{etag}"'}
     if hdrs.IF_NONE_MATCH in request.headers and _matches(
         request, hdrs.IF_NONE_MATCH, etag, weak=True
     ):
         raise web.HTTPNotModified(headers=headers)
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _json_entity(data: Any, headers: dict[str, str]) -> tuple[bytes, str]:
+    body = json.dumps(data).encode()
+    digest = hashlib.sha256(body)
+    for name, value in sorted(headers.items()):
+        digest.update(f"\n{name}: {value}".encode())
+    return body, digest.hexdigest()[:32]
+
+
+def require_for_change(request: web.Request, data: Any | None, last_modified: int | None) -> None:
+    """Raise 412 unless the request's preconditions let it change the resource whose JSON
+    representation is ``data`` (None: there is no such resource)."""
+    etag = None if data is None else _json_entity(data, {})[1]
+    if hdrs.IF_MATCH in request.headers:
+        if etag is None or not _matches(request, hdrs.IF_MATCH, etag, weak=False):
+            raise _precondition_failed("If-Match")
+    elif (since := request.if_unmodified_since) and (
+        last_modified is None or last_modified > since.timestamp()
+    ):
+        raise _precondition_failed("If-Unmodified-Since")
+    if (
+        hdrs.IF_NONE_MATCH in request.headers
+        and etag is not None
+        and _matches(request, hdrs.IF_NONE_MATCH, etag, weak=True)
+    ):
+        raise _precondition_failed("If-None-Match")
 
 
 def file_response(

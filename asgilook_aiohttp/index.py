@@ -44,6 +44,8 @@ CREATE TABLE thumbnails (
 CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
 """,
     "ALTER TABLE images ADD COLUMN delete_token_sha256 TEXT;",
+    # Where deleted images stood, so that a paging cursor naming one still works.
+    "CREATE TABLE tombstones (id TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
 )
 _COLUMNS = "id, uploaded, width, height, bytes, sha256, delete_token_sha256"
 _THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
@@ -52,7 +54,9 @@ _JOINED_COLUMNS = ", ".join(
     [f"images.{name}" for name in _IMAGE_FIELDS]
     + [f"thumbnails.{name}" for name in _THUMBNAIL_COLUMNS.split(", ")]
 )
-CURSOR_QUERY = "SELECT seq FROM images WHERE id = ?"
+CURSOR_QUERY = (
+    "SELECT seq FROM images WHERE id = ? UNION ALL SELECT seq FROM tombstones WHERE id = ?"
+)
 PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
 
 
@@ -193,7 +197,7 @@ class Index:
         def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
             start = 0
             if after is not None:
-                row = db.execute(CURSOR_QUERY, (after,)).fetchone()
+                row = db.execute(CURSOR_QUERY, (after, after)).fetchone()
                 if row is None:
                     raise UnknownCursor(after)
                 start = row[0]
@@ -213,7 +217,7 @@ class Index:
             with db:
                 db.execute("BEGIN")
                 row = db.execute(
-                    "SELECT bytes FROM images WHERE id = ? "
+                    "SELECT bytes, seq FROM images WHERE id = ? "
                     "AND (? IS NULL OR delete_token_sha256 = ?)",
                     (image_id, token_sha256, token_sha256),
                 ).fetchone()
@@ -224,6 +228,7 @@ class Index:
                     (image_id,),
                 ).fetchone()
                 db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+                db.execute("INSERT INTO tombstones (id, seq) VALUES (?, ?)", (image_id, row[1]))
                 db.execute("INSERT OR IGNORE INTO pending (id) VALUES (?)", (image_id,))
             return Deleted(image_bytes=row[0], thumbnail_bytes=thumbnail_bytes)
 

@@ -16,6 +16,7 @@ from prometheus_client.exposition import generate_latest
 
 PROBLEM = web.RequestKey("problem", str)
 """The problem type a request ended with, set by the error middleware."""
+_STARTED = web.RequestKey("started", float)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -31,7 +32,7 @@ class Metrics:
         )
         self.request_seconds = Histogram(
             "asgilook_http_request_duration_seconds",
-            "Time to answer an HTTP request (until the handler returns).",
+            "Time until the response's headers are sent.",
             ["route", "method"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
@@ -69,23 +70,22 @@ class Metrics:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as error:
-            status = error.status
-            raise
-        finally:
-            route = _route(request)
-            method = request.method if request.method in hdrs.METH_ALL else "other"
-            self.requests.labels(route, method, str(status)).inc()
-            self.request_seconds.labels(route, method).observe(time.perf_counter() - started)
-            problem = request.get(PROBLEM)
-            if problem and route == "/images" and request.method == "POST":
-                self.rejections.labels(problem).inc()
+        request[_STARTED] = time.perf_counter()
+        return await handler(request)
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Count a request once its status is final: a file's 206 or 304 is only decided
+        as it is sent, after the handler has returned."""
+        started = request.get(_STARTED)
+        if started is None:
+            return
+        route = _route(request)
+        method = request.method if request.method in hdrs.METH_ALL else "other"
+        self.requests.labels(route, method, str(response.status)).inc()
+        self.request_seconds.labels(route, method).observe(time.perf_counter() - started)
+        problem = request.get(PROBLEM)
+        if problem and route == "/images" and request.method == "POST":
+            self.rejections.labels(problem).inc()
 
     async def handle(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -97,6 +97,13 @@ class ImageItem(_Resource):
                 "deleting needs 'Authorization: Bearer <token>', with the delete_token "
                 "returned by the upload or the write token"
             )
+        if any(name in self.request.headers for name in _CONDITIONS):
+            record = await self.store.get(image_id)
+            caching.require_for_change(
+                self.request,
+                None if record is None else self.image_object(record),
+                None if record is None else record.uploaded,
+            )
         if auth.is_write_token(token, self.request.app[CONFIG].write_token):
             if not await self.store.delete(image_id):
                 raise not_found(f"there is no image with id {image_id}")
@@ -151,6 +158,9 @@ class Readiness(_Resource):
         if problems := await self.store.readiness_problems():
             raise Problem(503, "not-ready", "; ".join(problems), {"Retry-After": "5"})
         return web.json_response({"status": "ready"})
+
+
+_CONDITIONS = ("If-Match", "If-None-Match", "If-Unmodified-Since")
 
 
 def _page_query(request: web.Request) -> tuple[int, str | None]:

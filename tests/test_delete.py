@@ -101,3 +101,30 @@ async def test_an_interrupted_delete_is_finished_at_start_up(
 
     await make_client()
     assert_nothing_stored(storage)
+
+
+async def test_delete_honours_preconditions(client: Client) -> None:
+    image = await upload(client)
+    url = f"/images/{image['id']}"
+    token = bearer(image["delete_token"])
+    current = (await client.get(url)).headers["ETag"]
+    for condition in (
+        {"If-Match": '"stale"'},
+        {"If-None-Match": current},
+        {"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+    ):
+        await assert_problem(await client.delete(url, headers={**token, **condition}), 412)
+    assert (await client.get(url)).status == 200
+    await assert_problem(await client.get(url, headers={"If-Match": '"stale"'}), 412)
+    assert (await client.delete(url, headers={**token, "If-Match": current})).status == 204
+
+
+async def test_paging_survives_the_deletion_of_its_anchor(client: Client) -> None:
+    images = [await upload(client) for _ in range(3)]
+    first = await client.get("/images?limit=1")
+    next_page = first.headers["Link"].split(">")[0][1:]
+    anchor = images[0]
+    await client.delete(f"/images/{anchor['id']}", headers=bearer(anchor["delete_token"]))
+    following = await client.get(next_page)
+    assert following.status == 200
+    assert [image["id"] for image in await following.json()] == [images[1]["id"]]

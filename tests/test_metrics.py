@@ -35,6 +35,7 @@ async def test_metrics_follow_uploads_refusals_and_downloads(make_client: Client
     assert (await client.post("/images", data=b"not an image at all")).status == 415
     assert (await client.post("/images", data=b"\0" * 200_000)).status == 413
     assert (await client.get(image["image"])).status == 200
+    assert (await client.get(image["image"], headers={"Range": "bytes=0-9"})).status == 206
     assert (await client.get(image["thumbnails"][0])).status == 200
     assert (await client.get("/nowhere")).status == 404
 
@@ -49,6 +50,7 @@ async def test_metrics_follow_uploads_refusals_and_downloads(make_client: Client
     assert value(after, requests, route="/images", method="POST", status="413") == 1
     image_route = "/images/{image_id}.jpeg"
     assert value(after, requests, route=image_route, method="GET", status="200") == 1
+    assert value(after, requests, route=image_route, method="GET", status="206") == 1
     assert value(after, requests, route="unmatched", method="GET", status="404") == 1
     assert (
         value(after, "asgilook_http_request_duration_seconds_count", route="/images", method="POST")

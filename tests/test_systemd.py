@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from asgilook_aiohttp import systemd
 
 import samples
 from checks import image_object
@@ -88,12 +91,21 @@ async def test_ready_watchdog_and_stopping(tmp_path: Path, notify_socket: Notify
 async def test_serves_a_socket_passed_by_the_service_manager(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+    ):
         port = listener.getsockname()[1]
-        fd = listener.fileno()
-        # As systemd does: the socket becomes fd 3, LISTEN_PID names the server's own pid.
-        prefix = f"exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;"
-        server = await start_server(tmp_path / "storage", pass_fds=(fd,), shell_prefix=prefix)
+        fd, other_fd = listener.fileno(), other.fileno()
+        # As systemd does: the sockets become fds 3 and up, LISTEN_PID names the server's
+        # own pid. The second is a datagram socket for something else: not to be served.
+        prefix = (
+            f"exec 3<&{fd} 4<&{other_fd} {fd}<&- {other_fd}<&-; "
+            "export LISTEN_FDS=2 LISTEN_FDNAMES=http:statsd LISTEN_PID=$$;"
+        )
+        server = await start_server(
+            tmp_path / "storage", pass_fds=(fd, other_fd), shell_prefix=prefix
+        )
     assert server.url == f"http://127.0.0.1:{port}"
     async with session.post(f"{server.url}/images", data=PNG) as response:
         assert response.status == 201
@@ -179,3 +191,11 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     assert sorted(image["id"] for image in listed) == sorted(str(i["id"]) for i in images)
     restarted.signal(signal.SIGTERM)
     assert await restarted.exit_code() == 0
+
+
+def test_watchdog_interval_is_half_the_timeout_and_only_for_this_process() -> None:
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
+    assert systemd.watchdog_interval({}) is None
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    other = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    assert systemd.watchdog_interval(other) is None

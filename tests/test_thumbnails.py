@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,13 @@ async def test_kept_thumbnails_stay_within_the_budget(
         bodies.append(await response.read())
         assert sum(path.stat().st_size for path in thumbnail_files(storage)) <= budget
     assert sum(len(body) for body in bodies) > budget, "the test must overflow the budget"
+    with sqlite3.connect(storage / "index.sqlite3") as db:
+        rows = db.execute("SELECT image_id, width, height, bytes FROM thumbnails").fetchall()
+    kept_files = thumbnail_files(storage)
+    assert sorted(f"{i}/{w}x{h}.jpeg" for i, w, h, _ in rows) == sorted(
+        f"{path.parent.name}/{path.name}" for path in kept_files
+    )
+    assert sum(size for *_, size in rows) == sum(path.stat().st_size for path in kept_files)
     # The latest is kept; an evicted one is made again, identical.
     kept = [path.read_bytes() for path in thumbnail_files(storage)]
     assert bodies[-1] in kept
