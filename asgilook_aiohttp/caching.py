@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,21 +124,17 @@ def _json_entity(data: Any, headers: dict[str, str]) -> tuple[bytes, str]:
     return body, digest.hexdigest()[:32]
 
 
-def require_for_change(request: web.Request, data: Any | None, last_modified: int | None) -> None:
+def require_for_change(request: web.Request, data: Any, last_modified: int) -> None:
     """Raise 412 unless the request's preconditions let it change the resource whose JSON
-    representation is ``data`` (None: there is no such resource)."""
-    etag = None if data is None else _json_entity(data, {})[1]
+    representation is ``data``."""
+    etag = _json_entity(data, {})[1]
     if hdrs.IF_MATCH in request.headers:
-        if etag is None or not _matches(request, hdrs.IF_MATCH, etag, weak=False):
+        if not _matches(request, hdrs.IF_MATCH, etag, weak=False):
             raise _precondition_failed("If-Match")
-    elif (since := request.if_unmodified_since) and (
-        last_modified is None or last_modified > since.timestamp()
-    ):
+    elif (since := request.if_unmodified_since) and last_modified > since.timestamp():
         raise _precondition_failed("If-Unmodified-Since")
-    if (
-        hdrs.IF_NONE_MATCH in request.headers
-        and etag is not None
-        and _matches(request, hdrs.IF_NONE_MATCH, etag, weak=True)
+    if hdrs.IF_NONE_MATCH in request.headers and _matches(
+        request, hdrs.IF_NONE_MATCH, etag, weak=True
     ):
         raise _precondition_failed("If-None-Match")
 
@@ -158,7 +155,7 @@ def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
         requested = request.http_range
     except ValueError:
         return False  # a Range we cannot read (several ranges, other units) is ignored
-    empty_suffix = request.headers[hdrs.RANGE].replace(" ", "").lower() == "bytes=-0"
+    empty_suffix = re.fullmatch(r"bytes=-0+", request.headers[hdrs.RANGE].replace(" ", "").lower())
     if empty_suffix or (requested.start is not None and requested.start >= size):
         raise Problem(
             416,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,25 +310,24 @@ class Index:
 
         return await self._call(total)
 
-    async def evict_thumbnails(self, at_least: int, keep: ThumbnailRecord) -> list[ThumbnailRecord]:
-        """Forget the least recently used thumbnails that free ``at_least`` bytes, but not
-        ``keep``, the one about to be served."""
+    async def evict_thumbnails(
+        self, at_least: int, spared: Collection[tuple[str, int, int]]
+    ) -> list[ThumbnailRecord]:
+        """Forget the least recently used thumbnails that free ``at_least`` bytes, but none
+        of ``spared`` (image id, width, height)."""
 
         def evict(db: sqlite3.Connection) -> list[ThumbnailRecord]:
             evicted: list[ThumbnailRecord] = []
             freed = 0
             with db:
                 db.execute("BEGIN")
-                rows = db.execute(
-                    f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
-                    "WHERE NOT (image_id = ? AND width = ? AND height = ?) ORDER BY last_used",
-                    (keep.image_id, keep.width, keep.height),
-                )
-                for row in rows.fetchmany(10_000):
-                    if freed >= at_least:
-                        break
-                    evicted.append(ThumbnailRecord(*row))
-                    freed += evicted[-1].nbytes
+                rows = db.execute(f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails ORDER BY last_used")
+                while freed < at_least and (row := rows.fetchone()) is not None:
+                    candidate = ThumbnailRecord(*row)
+                    if (candidate.image_id, candidate.width, candidate.height) in spared:
+                        continue
+                    evicted.append(candidate)
+                    freed += candidate.nbytes
                 db.executemany(
                     "DELETE FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
                     [(r.image_id, r.width, r.height) for r in evicted],

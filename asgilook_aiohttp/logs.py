@@ -47,8 +47,7 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
-            # A file sent with sendfile() shows only its headers in body_length.
-            "bytes": response.content_length or response.body_length,
+            "bytes": _body_bytes(request, response),
             "duration_ms": round(time * 1000, 3),
             "user_agent": request.headers.get("User-Agent", "-"),
         }
@@ -62,6 +61,13 @@ class AccessLogger(AbstractAccessLogger):
             fields["duration_ms"],
             extra=fields,
         )
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    # A file sent with sendfile() shows only its headers in body_length.
+    return response.content_length or response.body_length
 
 
 class _RequestIdFilter(logging.Filter):

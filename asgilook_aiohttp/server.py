@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -49,8 +50,11 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     with socket.socket(socket.AF_UNIX) as probe:
-        if probe.connect_ex(str(path)) == 0:
-            raise SystemExit(f"asgilook-aiohttp: another server is listening on {path}")
+        probe.setblocking(False)
+        # Only a refused connection proves nobody is there; busy, another kind of socket
+        # or an answer all mean the path is in use.
+        if probe.connect_ex(str(path)) != errno.ECONNREFUSED:
+            raise SystemExit(f"asgilook-aiohttp: {path} is a socket in use by another process")
     path.unlink()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -202,6 +203,14 @@ class Store:
     async def image_file(self, record: ImageRecord) -> Path | None:
         """The stored JPEG's path, or None if it is gone (deleted since the lookup)."""
         return await self._blobs.existing(self._blobs.path(record.id))
+
+    def may_delete(self, record: ImageRecord, delete_token: str | None) -> bool:
+        """Whether ``delete_token`` is this image's own (None: the caller needs none)."""
+        if delete_token is None:
+            return True
+        return record.delete_token_sha256 is not None and hmac.compare_digest(
+            record.delete_token_sha256, _token_hash(delete_token)
+        )
 
     async def delete(self, image_id: str, delete_token: str | None = None) -> bool:
         """Remove an image with its thumbnails and files.

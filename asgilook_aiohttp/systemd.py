@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 from collections.abc import MutableMapping
 
 _FIRST_PASSED_FD = 3  # SD_LISTEN_FDS_START
@@ -56,6 +57,8 @@ def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socke
     sockets = []
     for fd in range(_FIRST_PASSED_FD, _FIRST_PASSED_FD + count):
         os.set_inheritable(fd, False)
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            continue  # a FIFO or a file (ListenFIFO=, say): not ours to serve
         passed = socket.socket(fileno=fd)
         # Only listening stream sockets can carry HTTP; others (a datagram socket for
         # something else, say) are not ours to serve.

@@ -115,15 +115,16 @@ class Thumbnails:
             await self._blobs.discard_thumbnail(final)
             return None
         self._kept_bytes += record.nbytes - replaced
-        await self._keep_within_budget(record)
+        await self._keep_within_budget()
         return record
 
-    async def _keep_within_budget(self, keep: ThumbnailRecord) -> None:
+    async def _keep_within_budget(self) -> None:
         async with self._eviction:
             excess = self._kept_bytes - self._budget
             if excess <= 0:
                 return
-            for evicted in await self._index.evict_thumbnails(excess, keep):
+            # Those being made (the caller's own among them) are about to be served: spared.
+            spared = set(self._making)
+            for evicted in await self._index.evict_thumbnails(excess, spared):
                 self._kept_bytes -= evicted.nbytes
-                if (evicted.image_id, evicted.width, evicted.height) not in self._making:
-                    await self._blobs.discard_thumbnail(self.path(evicted))
+                await self._blobs.discard_thumbnail(self.path(evicted))

@@ -97,17 +97,17 @@ class ImageItem(_Resource):
                 "deleting needs 'Authorization: Bearer <token>', with the delete_token "
                 "returned by the upload or the write token"
             )
+        writer = auth.is_write_token(token, self.request.app[CONFIG].write_token)
+        delete_token = None if writer else token
+        # Preconditions count only for a request that would otherwise succeed (RFC 9110
+        # 13.2.1): a missing image or a wrong token is answered as without them.
         if any(name in self.request.headers for name in _CONDITIONS):
             record = await self.store.get(image_id)
-            caching.require_for_change(
-                self.request,
-                None if record is None else self.image_object(record),
-                None if record is None else record.uploaded,
-            )
-        if auth.is_write_token(token, self.request.app[CONFIG].write_token):
-            if not await self.store.delete(image_id):
+            if record is not None and self.store.may_delete(record, delete_token):
+                caching.require_for_change(self.request, self.image_object(record), record.uploaded)
+        if not await self.store.delete(image_id, delete_token):
+            if writer:
                 raise not_found(f"there is no image with id {image_id}")
-        elif not await self.store.delete(image_id, delete_token=token):
             raise auth.forbidden("this token may not delete this image")
         return web.Response(status=204)
 

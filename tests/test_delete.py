@@ -116,6 +116,9 @@ async def test_delete_honours_preconditions(client: Client) -> None:
         await assert_problem(await client.delete(url, headers={**token, **condition}), 412)
     assert (await client.get(url)).status == 200
     await assert_problem(await client.get(url, headers={"If-Match": '"stale"'}), 412)
+    # Preconditions never turn a refusal into a 412: a wrong token is still 403.
+    wrong = {**bearer("wrong"), "If-None-Match": "*"}
+    await assert_problem(await client.delete(url, headers=wrong), 403)
     assert (await client.delete(url, headers={**token, "If-Match": current})).status == 204
 
 
