@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,16 @@ from typing import Any
 
 import aiohttp
 import listing
-from common import ROOT, Server, encode, percentile, photo, start_server, tree_rss
+from common import (
+    ROOT,
+    Server,
+    encode,
+    percentile,
+    photo,
+    start_server,
+    tree_cpu,
+    tree_rss,
+)
 
 sys.path.insert(0, str(ROOT))
 from asgilook_aiohttp import imaging
@@ -101,15 +111,25 @@ def getter(session: aiohttp.ClientSession, path: str) -> Callable[[], Awaitable[
     return get
 
 
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def uploads(
-    session: aiohttp.ClientSession, images: dict[str, bytes], seconds: float
+    session: aiohttp.ClientSession, server: Server, images: dict[str, bytes], seconds: float
 ) -> list[dict[str, Any]]:
+    """Throughput and latency, and where the CPU went: the server's own process, its
+    workers, and this load generator, in milliseconds per upload."""
     rows = []
+    pid = server.process.pid
     for name, data in images.items():
         limit = await asyncio.to_thread(in_process_limit, data, seconds)
         for concurrency in CONCURRENCY:
             count = max(2 * concurrency, int(limit * seconds))
+            (server_before, workers_before), client_before = tree_cpu(pid), own_cpu()
             rate, latencies = await load(concurrency, count, uploader(session, data))
+            (server_after, workers_after), client_after = tree_cpu(pid), own_cpu()
             rows.append(
                 {
                     "image": name,
@@ -119,6 +139,9 @@ async def uploads(
                     "p99_ms": percentile(latencies, 0.99) * 1e3,
                     "limit_per_s": limit,
                     "ratio": rate / limit,
+                    "server_cpu_ms": (server_after - server_before) / count * 1e3,
+                    "workers_cpu_ms": (workers_after - workers_before) / count * 1e3,
+                    "client_cpu_ms": (client_after - client_before) / count * 1e3,
                 }
             )
     return rows
@@ -244,7 +267,7 @@ async def main(seconds: float, listing_sizes: list[int]) -> dict[str, Any]:
             async with aiohttp.ClientSession(
                 server.url, timeout=timeout, connector=connector
             ) as session:
-                report["uploads"] = await uploads(session, images, seconds)
+                report["uploads"] = await uploads(session, server, images, seconds)
                 report["saturation"] = await under_saturation(
                     session, server, images["12 MP JPEG"], seconds
                 )
@@ -260,13 +283,15 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{report['workers']} workers on {report['cpus']} CPUs")
     print(
         f"\n{'upload':<11} {'conc':>4} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'limit/s':>8} {'ratio':>6}"
+        f"{'limit/s':>8} {'ratio':>6} | CPU ms per upload: {'server':>6} {'workers':>7} "
+        f"{'client':>6}"
     )
     for row in report["uploads"]:
         print(
             f"{row['image']:<11} {row['concurrency']:>4} {row['images_per_s']:7.1f} "
             f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['limit_per_s']:8.1f} "
-            f"{row['ratio']:6.2f}"
+            f"{row['ratio']:6.2f} | {'':18} {row['server_cpu_ms']:6.1f} "
+            f"{row['workers_cpu_ms']:7.1f} {row['client_cpu_ms']:6.1f}"
         )
     print("\nunder 16 concurrent 12 MP uploads:")
     for key, value in report["saturation"].items():

@@ -65,24 +65,37 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
+def _tree(pid: int) -> list[list[str]]:
+    """The /proc/<pid>/stat fields (after the command name) of a process and all its
+    descendants."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    fields: dict[int, list[str]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+                process = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        child = int(entry.name)
-        children.setdefault(int(fields[1]), []).append(child)
-        rss[child] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [pid]
+        fields[int(entry.name)] = process
+        children.setdefault(int(process[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
     while todo:
         current = todo.pop()
-        total += rss.get(current, 0)
+        if current in fields:
+            found.append(fields[current])
         todo.extend(children.get(current, []))
-    return total
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (Linux /proc)."""
+    return sum(int(process[21]) for process in _tree(pid)) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by a process itself, and by its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = [(int(process[11]) + int(process[12])) / tick for process in _tree(pid)]
+    return times[0], sum(times[1:])
