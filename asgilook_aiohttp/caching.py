@@ -68,21 +68,27 @@ def _matches(request: web.Request, header: str, etag: str, *, weak: bool) -> boo
     return any(tag.value in (etag, ETAG_ANY) and (weak or not tag.is_weak) for tag in tags)
 
 
-def _precondition(request: web.Request, found: Validators, headers: dict[str, str]) -> None:
-    """Raise the 412 or the 304 that a GET's preconditions call for, if any."""
+def _require_match(request: web.Request, etag: str, last_modified: int | None) -> None:
+    """Raise 412 if If-Match, or failing that If-Unmodified-Since, does not hold (RFC 9110
+    13.2.2, steps 1 and 2); a resource without a date passes the latter."""
     if hdrs.IF_MATCH in request.headers:
-        if not _matches(request, hdrs.IF_MATCH, found.etag, weak=False):
+        if not _matches(request, hdrs.IF_MATCH, etag, weak=False):
             raise _precondition_failed("If-Match")
-    elif (since := request.if_unmodified_since) and found.last_modified > since.timestamp():
+    elif (
+        (since := request.if_unmodified_since)
+        and last_modified is not None
+        and last_modified > since.timestamp()
+    ):
         raise _precondition_failed("If-Unmodified-Since")
 
+
+def _not_modified(request: web.Request, etag: str, last_modified: int | None) -> bool:
+    """Whether If-None-Match, or failing that If-Modified-Since, finds the client's copy
+    current (steps 3 and 4)."""
     if hdrs.IF_NONE_MATCH in request.headers:
-        fresh = _matches(request, hdrs.IF_NONE_MATCH, found.etag, weak=True)
-    else:
-        since = request.if_modified_since
-        fresh = since is not None and found.last_modified <= since.timestamp()
-    if fresh:
-        raise web.HTTPNotModified(headers=_stamp(headers, found))
+        return _matches(request, hdrs.IF_NONE_MATCH, etag, weak=True)
+    since = request.if_modified_since
+    return since is not None and last_modified is not None and last_modified <= since.timestamp()
 
 
 def _precondition_failed(header: str) -> Problem:
@@ -91,12 +97,12 @@ def _precondition_failed(header: str) -> Problem:
     )
 
 
-def _stamp(headers: dict[str, str], found: Validators) -> dict[str, str]:
-    return {
-        **headers,
-        hdrs.ETAG: f'"{found.etag}"',
-        hdrs.LAST_MODIFIED: http_date(found.last_modified),
-    }
+def has_change_conditions(request: web.Request) -> bool:
+    """Whether a request that changes a resource carries conditions to check first."""
+    return any(
+        name in request.headers
+        for name in (hdrs.IF_MATCH, hdrs.IF_NONE_MATCH, hdrs.IF_UNMODIFIED_SINCE)
+    )
 
 
 def json_response(
@@ -106,12 +112,9 @@ def json_response(
     304 or 412 its preconditions call for."""
     extra = headers or {}
     body, etag = _json_entity(data, extra)
-    if hdrs.IF_MATCH in request.headers and not _matches(request, hdrs.IF_MATCH, etag, weak=False):
-        raise _precondition_failed("If-Match")
+    _require_match(request, etag, None)
     headers = {**extra, hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{etag}"'}
-    if hdrs.IF_NONE_MATCH in request.headers and _matches(
-        request, hdrs.IF_NONE_MATCH, etag, weak=True
-    ):
+    if _not_modified(request, etag, None):
         raise web.HTTPNotModified(headers=headers)
     return web.Response(body=body, content_type="application/json", headers=headers)
 
@@ -128,14 +131,9 @@ def require_for_change(request: web.Request, data: Any, last_modified: int) -> N
     """Raise 412 unless the request's preconditions let it change the resource whose JSON
     representation is ``data``."""
     etag = _json_entity(data, {})[1]
-    if hdrs.IF_MATCH in request.headers:
-        if not _matches(request, hdrs.IF_MATCH, etag, weak=False):
-            raise _precondition_failed("If-Match")
-    elif (since := request.if_unmodified_since) and last_modified > since.timestamp():
-        raise _precondition_failed("If-Unmodified-Since")
-    if hdrs.IF_NONE_MATCH in request.headers and _matches(
-        request, hdrs.IF_NONE_MATCH, etag, weak=True
-    ):
+    _require_match(request, etag, last_modified)
+    # For a change, a current copy is no reason to answer 304 but a failed condition.
+    if hdrs.IF_NONE_MATCH in request.headers and _not_modified(request, etag, last_modified):
         raise _precondition_failed("If-None-Match")
 
 
@@ -143,7 +141,15 @@ def file_response(
     request: web.Request, path: Path, size: int, found: Validators
 ) -> web.StreamResponse:
     """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for."""
-    _precondition(request, found, {hdrs.CACHE_CONTROL: IMMUTABLE})
+    _require_match(request, found.etag, found.last_modified)
+    if _not_modified(request, found.etag, found.last_modified):
+        raise web.HTTPNotModified(
+            headers={
+                hdrs.CACHE_CONTROL: IMMUTABLE,
+                hdrs.ETAG: f'"{found.etag}"',
+                hdrs.LAST_MODIFIED: http_date(found.last_modified),
+            }
+        )
     return _StoredFile(path, found, _range_applies(request, size, found))
 
 

@@ -80,7 +80,7 @@ class _Lane:
 
     async def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Hand a job to the worker, replacing the worker first if it died while idle."""
-        if self._executor is not None and not self.killed and self.is_alive():
+        if self._executor is not None and self.is_alive():
             with contextlib.suppress(BrokenProcessPool):
                 return asyncio.wrap_future(self._executor.submit(fn, *args))
         await self.restart()
@@ -103,7 +103,8 @@ class _Lane:
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
     def is_alive(self) -> bool:
-        if self._executor is None or self.pid is None:
+        """Its process runs and it has not been killed (its replacement is under way)."""
+        if self._executor is None or self.pid is None or self.killed:
             return False
         try:
             os.kill(self.pid, 0)

@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,13 +89,13 @@ class Store:
     @classmethod
     @asynccontextmanager
     async def open(cls, config: Config, metrics: Metrics) -> AsyncIterator[Store]:
-        config.storage_path.mkdir(parents=True, exist_ok=True)
-        blobs = Blobs(config.storage_path)
-        blobs.open()
-        index = Index(config.storage_path / INDEX_FILE)
-        await index.open()
-        try:
-            for image_id in await index.pending():
+        async with AsyncExitStack() as resources:
+            blobs = Blobs(config.storage_path)
+            blobs.open()  # creates the directories, empties staging
+            index = Index(config.storage_path / INDEX_FILE)
+            await index.open()
+            resources.push_async_callback(index.close)
+            for image_id in await index.pending():  # what a crash left half-done
                 await blobs.delete(image_id)
                 await index.drop_pending(image_id)
             converter = Converter(
@@ -106,6 +106,7 @@ class Store:
                 observe=metrics.observe_job,
             )
             await converter.start()
+            resources.push_async_callback(converter.close)
             thumbnails = Thumbnails(
                 index,
                 blobs,
@@ -113,17 +114,12 @@ class Store:
                 budget_bytes=config.thumbnail_budget_mb * MiB,
                 quality=config.jpeg_quality,
             )
-            try:
-                await thumbnails.open()
-                store = cls(config, index, blobs, converter, thumbnails)
-                store._image_count, store._image_bytes = await index.totals()
-                store._watch(metrics)
-                yield store
-                await store._finish_unfinished()
-            finally:
-                await converter.close()
-        finally:
-            await index.close()
+            await thumbnails.open()
+            store = cls(config, index, blobs, converter, thumbnails)
+            store._image_count, store._image_bytes = await index.totals()
+            store._watch(metrics)
+            yield store
+            await store._finish_unfinished()
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
         path, size = await self._blobs.stage(chunks)

@@ -101,7 +101,7 @@ class ImageItem(_Resource):
         delete_token = None if writer else token
         # Preconditions count only for a request that would otherwise succeed (RFC 9110
         # 13.2.1): a missing image or a wrong token is answered as without them.
-        if any(name in self.request.headers for name in _CONDITIONS):
+        if caching.has_change_conditions(self.request):
             record = await self.store.get(image_id)
             if record is not None and self.store.may_delete(record, delete_token):
                 caching.require_for_change(self.request, self.image_object(record), record.uploaded)
@@ -158,9 +158,6 @@ class Readiness(_Resource):
         if problems := await self.store.readiness_problems():
             raise Problem(503, "not-ready", "; ".join(problems), {"Retry-After": "5"})
         return web.json_response({"status": "ready"})
-
-
-_CONDITIONS = ("If-Match", "If-None-Match", "If-Unmodified-Since")
 
 
 def _page_query(request: web.Request) -> tuple[int, str | None]:
