@@ -44,16 +44,17 @@ async def start_server(
     pass_fds: tuple[int, ...] = (),
     shell_prefix: str = "",
     stderr: int | None = None,
+    program: tuple[str, ...] = (sys.executable, "run.py"),
 ) -> Server:
-    """Start ``run.py`` on a free loopback port and wait for its "listening on" line.
+    """Start ``run.py`` (or ``program``) on a free loopback port and wait for its
+    "listening on" line.
 
     ``shell_prefix`` runs first in bash before it execs the server (same pid), as a
     service manager would prepare the process.
     """
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
     command = [
-        sys.executable,
-        "run.py",
+        *program,
         "--port",
         "0",
         "--storage",

@@ -50,6 +50,17 @@ async def test_serves_then_exits_0_on_signal_leaving_no_processes(
     assert processes_in_group(server.process.pid) == []
 
 
+async def test_the_console_script_serves_like_run_py(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    script = Path(sys.executable).parent / "asgilook-aiohttp"
+    server = await start_server(tmp_path / "storage", program=(str(script),))
+    image = await upload(session, server, samples.encode(samples.two_tone(), "PNG"))
+    assert await download(session, server, image["image"])
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
 async def test_sigterm_lets_an_upload_in_flight_finish(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
