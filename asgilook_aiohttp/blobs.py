@@ -7,8 +7,9 @@ Layout under the storage root::
     staging/<random>.upload and <random>.jpeg   (work in progress, swept at start-up)
 
 Two levels of two hex digits keep every directory small (about 15 entries each at a
-million images). A file reaches ``images/`` only by ``os.replace`` from ``staging/`` after
-its bytes are fsynced, so a reader never sees a partial file.
+million images). A file reaches ``images/`` or ``thumbnails/`` only by ``os.replace`` from
+``staging/`` after its bytes are fsynced, so a reader never sees a partial file. That
+last step, ``place_durably``, runs in the worker that made the bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterable
 from pathlib import Path
+from typing import NamedTuple
 
 import aiofiles
 
@@ -31,6 +33,40 @@ def write_durably(path: str | os.PathLike[str], data: bytes) -> None:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
+
+
+class Placement(NamedTuple):
+    """Where a new file goes (``final``), and where it is written first (``staging``)."""
+
+    staging: str
+    final: str
+
+
+def place_durably(data: bytes, placement: Placement) -> None:
+    """Put ``data`` at its final place by way of staging, atomically and durably: once
+    this returns, the file and its directory entry survive a power cut."""
+    final_directory = Path(placement.final).parent
+    try:
+        write_durably(placement.staging, data)
+        created = _make_parents(final_directory)
+        os.replace(placement.staging, placement.final)
+    except BaseException:
+        Path(placement.staging).unlink(missing_ok=True)
+        raise
+    _fsync_directory(final_directory)
+    for directory in created:
+        _fsync_directory(directory.parent)
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; return those created."""
+    created = []
+    while not directory.exists():
+        created.append(directory)
+        directory = directory.parent
+    for new in reversed(created):
+        new.mkdir(exist_ok=True)
+    return created
 
 
 def _fsync_directory(path: Path) -> None:
@@ -65,6 +101,13 @@ class Blobs:
     def thumbnail_path(self, image_id: str, width: int, height: int) -> Path:
         return self._thumbnail_directory(image_id) / f"{width}x{height}.jpeg"
 
+    def image_placement(self, image_id: str) -> Placement:
+        return Placement(str(self.staging_path(".jpeg")), str(self.path(image_id)))
+
+    def thumbnail_placement(self, image_id: str, width: int, height: int) -> Placement:
+        final = self.thumbnail_path(image_id, width, height)
+        return Placement(str(self.staging_path(".jpeg")), str(final))
+
     def staging_path(self, suffix: str) -> Path:
         # Unique within this process, and apart from any earlier run's (swept anyway).
         return self._staging / f"{self._run}-{next(self._serial)}{suffix}"
@@ -86,28 +129,8 @@ class Blobs:
     async def existing(self, path: Path) -> Path | None:
         return path if await asyncio.to_thread(path.is_file) else None
 
-    async def discard(self, path: Path) -> None:
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-
-    async def commit(self, staged: Path, final: Path) -> None:
-        """Move a fsynced staging file to its final place, durably."""
-        await asyncio.to_thread(self._commit, staged, final)
-
-    def _commit(self, staged: Path, final: Path) -> None:
-        created = self._make_parents(final.parent)
-        os.replace(staged, final)
-        _fsync_directory(final.parent)
-        for directory in created:
-            _fsync_directory(directory.parent)
-
-    def _make_parents(self, directory: Path) -> list[Path]:
-        created = []
-        while not directory.exists():
-            created.append(directory)
-            directory = directory.parent
-        for new in reversed(created):
-            new.mkdir(exist_ok=True)
-        return created
+    async def discard(self, path: str | os.PathLike[str]) -> None:
+        await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
     async def discard_thumbnail(self, path: Path) -> None:
         """Remove a thumbnail file, and its image's directory if that leaves it empty."""

@@ -44,6 +44,7 @@ class Config:
     conversion_timeout: float = 30.0
     worker_memory_mb: int = 1024
     max_upload_bytes: int = 32 * MiB
+    upload_memory_mb: int = 128
     max_pixels: int = 50_000_000
     min_thumbnail_side: int = 64
     thumbnail_budget_mb: int = 1024
@@ -186,6 +187,13 @@ _SETTINGS = (
         "--max-upload-bytes",
         _whole_number(1),
         "largest request body accepted, in bytes (default 33554432, 32 MiB)",
+    ),
+    _Setting(
+        "upload_memory_mb",
+        "--upload-memory-mb",
+        _whole_number(0),
+        "memory all upload bodies in flight may take, in MiB; bodies beyond it are spooled "
+        "to disk (default 128)",
     ),
     _Setting(
         "max_pixels",

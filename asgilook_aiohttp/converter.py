@@ -28,6 +28,8 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 2
+# How long a killed worker may take to be noticed gone.
+_REAP_SECONDS = 5
 
 
 class ConverterUnavailable(Exception):
@@ -228,6 +230,8 @@ class Converter:
         finished, _ = await asyncio.wait({job}, timeout=self._timeout)
         if not finished:
             lane.kill()
+            # Jobs write files: the caller may clean up only once the worker is gone.
+            await asyncio.wait({job}, timeout=_REAP_SECONDS)
             raise ConversionTimedOut(
                 f"the conversion took longer than {self._timeout:g} s and was stopped"
             )

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from .blobs import write_durably
+from .blobs import Placement, place_durably
 from .jpeg import strip_metadata
 
 _ORIENTATION_TAG = 0x0112
@@ -67,28 +67,33 @@ def init_worker(memory_limit_bytes: int) -> None:
     Image.init()
 
 
-def convert_upload(source: str, destination: str, max_pixels: int, quality: int) -> Converted:
-    """Turn the uploaded file at ``source`` into the JPEG stored at ``destination``."""
-    with open(source, "rb") as file:
-        data = file.read()
+def convert_upload(
+    upload: bytes | str, placement: Placement, max_pixels: int, quality: int
+) -> Converted:
+    """Turn an upload (its bytes, or the path of the file holding them) into the JPEG
+    stored at ``placement``."""
+    if isinstance(upload, str):
+        with open(upload, "rb") as file:
+            upload = file.read()
     try:
-        jpeg, size = _to_jpeg(data, max_pixels, quality)
+        jpeg, size = _to_jpeg(upload, max_pixels, quality)
     except MemoryError:
         raise TooMuchMemory(
             "converting this image needs more memory than a worker may use; send a smaller image"
         ) from None
-    return _write(destination, jpeg, size)
+    return _store(jpeg, size, placement)
 
 
-def _write(destination: str, jpeg: bytes, size: tuple[int, int]) -> Converted:
-    write_durably(destination, jpeg)
+def _store(jpeg: bytes, size: tuple[int, int], placement: Placement) -> Converted:
+    place_durably(jpeg, placement)
     return Converted(size[0], size[1], len(jpeg), hashlib.sha256(jpeg).hexdigest())
 
 
 def make_thumbnail(
-    source: str, destination: str, width: int, height: int, quality: int
+    source: str, placement: Placement, width: int, height: int, quality: int
 ) -> Converted:
-    """Scale the stored JPEG at ``source`` to exactly ``width`` x ``height``."""
+    """Scale the stored JPEG at ``source`` to exactly ``width`` x ``height``, stored at
+    ``placement``."""
     with Image.open(source) as image:
         # Let the JPEG decoder skip detail the thumbnail can't show: it decodes at 1/2,
         # 1/4 or 1/8 scale straight from the DCT data, still at least the target size.
@@ -97,7 +102,7 @@ def make_thumbnail(
         thumbnail = image.resize((width, height), Image.Resampling.LANCZOS)
     output = io.BytesIO()
     thumbnail.save(output, "JPEG", quality=quality, icc_profile=icc_profile)
-    return _write(destination, output.getvalue(), thumbnail.size)
+    return _store(output.getvalue(), thumbnail.size, placement)
 
 
 def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[int, int]]:

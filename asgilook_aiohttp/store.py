@@ -1,9 +1,10 @@
 """The Store: the one place that knows an image is a file plus an index row (and its
 thumbnails, likewise).
 
-An upload is staged to disk, converted in a worker into a second staging file, journaled
-as pending, moved into place and only then recorded in the index. A crash at any point
-leaves either nothing visible or a complete image. A deletion removes the row first and
+An upload is received (in memory, or in a staging file when memory is short), journaled
+as pending under its new id, converted by a worker that also moves the JPEG into place
+durably, and only then recorded in the index. A crash at any point leaves either nothing
+visible or a complete image. A deletion removes the row first and
 journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
 """
 
@@ -17,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from .config import Config, MiB
 from .converter import Converter
 from .index import ImageRecord, Index, ThumbnailRecord
 from .metrics import Metrics
+from .spool import Spool, Staged
 from .thumbnails import Thumbnails, thumbnail_sizes
 
 T = TypeVar("T")
@@ -38,14 +39,6 @@ def _token_hash(token: str) -> str:
 
 
 INDEX_FILE = "index.sqlite3"
-
-
-@dataclass(frozen=True)
-class Staged:
-    """An upload received in full and waiting for conversion."""
-
-    path: Path
-    size: int
 
 
 class Store:
@@ -62,6 +55,7 @@ class Store:
         self._blobs = blobs
         self.converter = converter
         self._thumbnails = thumbnails
+        self._spool = Spool(blobs, config.upload_memory_mb * MiB)
         self._unfinished: set[asyncio.Task[Any]] = set()
         self._image_count = 0
         self._image_bytes = 0
@@ -76,6 +70,11 @@ class Store:
             "asgilook_thumbnail_bytes_stored",
             "Bytes of kept thumbnails.",
             lambda: self._thumbnails.kept_bytes,
+        )
+        metrics.gauge(
+            "asgilook_upload_bytes_in_memory",
+            "Bytes of upload bodies held in memory on their way to a worker.",
+            lambda: self._spool.held_bytes,
         )
         metrics.gauge(
             "asgilook_conversion_queue_depth",
@@ -122,11 +121,10 @@ class Store:
             await store._finish_unfinished()
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
-        path, size = await self._blobs.stage(chunks)
-        return Staged(path, size)
+        return await self._spool.receive(chunks)
 
     async def discard(self, staged: Staged) -> None:
-        await self._blobs.discard(staged.path)
+        await self._spool.release(staged)
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` to its end even if the request awaiting it is cancelled, so that
@@ -154,41 +152,40 @@ class Store:
         return record, delete_token
 
     async def _add(self, staged: Staged, delete_token_sha256: str) -> ImageRecord:
-        converted_path = self._blobs.staging_path(".jpeg")
+        image_id = str(uuid.uuid4())
+        placement = self._blobs.image_placement(image_id)
         try:
-            converted = await self.converter.run(
-                imaging.convert_upload,
-                str(staged.path),
-                str(converted_path),
-                self._config.max_pixels,
-                self._config.jpeg_quality,
-            )
-            record = ImageRecord(
-                id=str(uuid.uuid4()),
-                uploaded=int(time.time()),
-                width=converted.width,
-                height=converted.height,
-                nbytes=converted.nbytes,
-                sha256=converted.sha256,
-                delete_token_sha256=delete_token_sha256,
-            )
-            await self._publish(converted_path, record)
-            self._image_count += 1
-            self._image_bytes += record.nbytes
+            # Journaled first: the worker moves the file into place, and if anything stops
+            # before the index row is in, the next start-up knows to delete that file.
+            await self._index.add_pending(image_id)
+            try:
+                converted = await self.converter.run(
+                    imaging.convert_upload,
+                    staged.source,
+                    placement,
+                    self._config.max_pixels,
+                    self._config.jpeg_quality,
+                )
+                record = ImageRecord(
+                    id=image_id,
+                    uploaded=int(time.time()),
+                    width=converted.width,
+                    height=converted.height,
+                    nbytes=converted.nbytes,
+                    sha256=converted.sha256,
+                    delete_token_sha256=delete_token_sha256,
+                )
+                await self._index.add(record)
+            except BaseException:
+                await self._blobs.discard(placement.staging)  # its worker may have died half-way
+                await self._blobs.delete(image_id)
+                await self._index.drop_pending(image_id)
+                raise
         finally:
-            await self._blobs.discard(staged.path)
-            await self._blobs.discard(converted_path)
+            await self._spool.release(staged)
+        self._image_count += 1
+        self._image_bytes += record.nbytes
         return record
-
-    async def _publish(self, converted_path: Path, record: ImageRecord) -> None:
-        await self._index.add_pending(record.id)
-        try:
-            await self._blobs.commit(converted_path, self._blobs.path(record.id))
-            await self._index.add(record)
-        except Exception:
-            await self._blobs.delete(record.id)
-            await self._index.drop_pending(record.id)
-            raise
 
     async def get(self, image_id: str) -> ImageRecord | None:
         return await self._index.get(image_id)

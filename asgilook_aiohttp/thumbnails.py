@@ -91,28 +91,27 @@ class Thumbnails:
             done.exception()  # retrieved here, so it is not logged when no one waits
 
     async def _make(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
-        staged = self._blobs.staging_path(".jpeg")
-        final = self._blobs.thumbnail_path(image.id, width, height)
+        placement = self._blobs.thumbnail_placement(image.id, width, height)
         try:
             made = await self._converter.run(
                 imaging.make_thumbnail,
                 str(self._blobs.path(image.id)),
-                str(staged),
+                placement,
                 width,
                 height,
                 self._quality,
             )
-            await self._blobs.commit(staged, final)
-        except FileNotFoundError:  # the image was deleted while this was being made
+        except FileNotFoundError:  # the image was deleted meanwhile
             return None
-        finally:
-            await self._blobs.discard(staged)
+        except BaseException:
+            await self._blobs.discard(placement.staging)  # its worker may have died half-way
+            raise
         record = ThumbnailRecord(
             image.id, width, height, made.nbytes, made.sha256, int(time.time())
         )
         replaced = await self._index.add_thumbnail(record)
         if replaced is None:
-            await self._blobs.discard_thumbnail(final)
+            await self._blobs.discard_thumbnail(Path(placement.final))
             return None
         self._kept_bytes += record.nbytes - replaced
         await self._keep_within_budget()

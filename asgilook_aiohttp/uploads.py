@@ -13,7 +13,8 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import bad_request, payload_too_large
-from .store import Staged, Store
+from .spool import Staged
+from .store import Store
 
 _CHUNK = 256 * 1024
 # A form that needs more parts than this to reach its file is not an upload form; parsing

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from common import encode, photo, start_server  # noqa: E402
 
 from asgilook_aiohttp import imaging  # noqa: E402
+from asgilook_aiohttp.blobs import Placement  # noqa: E402
 
 
 def make_without_draft(source: str, destination: str, width: int, height: int) -> None:
@@ -45,7 +46,8 @@ def in_process(source: str, size: tuple[int, int], rounds: int) -> tuple[float, 
                 destination = os.path.join(scratch, f"{n}-{draft}.jpeg")
                 start = time.perf_counter()
                 if draft:
-                    imaging.make_thumbnail(source, destination, *size, 90)
+                    placement = Placement(os.path.join(scratch, f"{n}.staging"), destination)
+                    imaging.make_thumbnail(source, placement, *size, 90)
                 else:
                     make_without_draft(source, destination, *size)
                 timings[draft].append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Assertions about what a user sees: problem responses and what is left on disk."""
+"""Assertions about what a user sees: problem responses, metrics and what is left on disk."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from asgilook_aiohttp.store import INDEX_FILE
 
@@ -78,3 +79,21 @@ def image_object(created: dict[str, Any]) -> dict[str, Any]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(client: Client) -> Metrics:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client.parser import text_string_to_metric_families
-
 import samples
-from checks import Client, ClientFactory
-
-
-async def scrape(client: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.content_type == "text/plain"
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(await response.text())
-        for sample in family.samples
-    }
-
-
-def value(
-    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+from checks import ClientFactory, scrape, value
 
 
 async def test_metrics_follow_uploads_refusals_and_downloads(make_client: ClientFactory) -> None:
@@ -44,6 +25,8 @@ async def test_metrics_follow_uploads_refusals_and_downloads(make_client: Client
     assert value(after, "asgilook_image_bytes_stored") > 0
     assert value(after, "asgilook_thumbnail_bytes_stored") > 0
     assert value(after, "asgilook_conversion_queue_depth") == 0
+    assert ("asgilook_upload_bytes_in_memory", ()) in after
+    assert value(after, "asgilook_upload_bytes_in_memory") == 0  # every body let go
     requests = "asgilook_http_requests_total"
     assert value(after, requests, route="/images", method="POST", status="201") == 1
     assert value(after, requests, route="/images", method="POST", status="415") == 1

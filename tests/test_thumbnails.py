@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from PIL import Image
 
-from asgilook_aiohttp.blobs import Blobs, write_durably
+from asgilook_aiohttp.blobs import Blobs, Placement, place_durably
 from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.imaging import Converted
 from asgilook_aiohttp.index import ImageRecord, Index
@@ -205,9 +205,9 @@ class _SmallFileConverter:
     """Stands in for the worker pool: each "thumbnail" is 1000 bytes, made at once but
     only after yielding, so that concurrent makes interleave as they do under load."""
 
-    async def run(self, fn: Any, source: str, destination: str, *size: int) -> Converted:
+    async def run(self, fn: Any, source: str, placement: Placement, *size: int) -> Converted:
         await asyncio.sleep(0)
-        write_durably(destination, b"\xff" * 1000)
+        place_durably(b"\xff" * 1000, placement)
         return Converted(size[0], size[1], 1000, "0" * 64)
 
 

@@ -1,8 +1,12 @@
-"""Uploads of every common format, each downloaded again and decoded."""
+"""Uploads of every common format, each downloaded again and decoded; bodies held in
+memory or spooled to disk."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import re
+from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import samples
-from checks import Client, stored_files
+from checks import Client, ClientFactory, scrape, stored_files, value
 
 UUID = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -217,3 +221,58 @@ async def test_floating_point_grey_is_scaled(client: Client) -> None:
     assert near(stored.getpixel((128, 2)), (0, 0, 0), tolerance=8)
     assert near(stored.getpixel((128, 128)), (128, 128, 128), tolerance=8)
     assert near(stored.getpixel((128, 253)), (255, 255, 255), tolerance=8)
+
+
+async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    upload = samples.encode(samples.photo((1200, 900)), "PNG")
+    assert len(upload) > 1024 * 1024
+    stored = []
+    # All in memory; in memory until the 1 MiB budget runs out, then on disk; all on disk.
+    for memory_mb in (128, 1, 0):
+        client = await make_client(upload_memory_mb=memory_mb)
+        response = await client.post("/images", data=io.BytesIO(upload))
+        assert response.status == 201, await response.text()
+        image = await response.json()
+        stored.append(await (await client.get(image["image"])).read())
+        assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+        await client.close()
+    assert stored[0] == stored[1] == stored[2]
+    assert [path.split("/")[0] for path in stored_files(storage)] == ["images"] * 3
+
+
+@pytest.mark.parametrize("memory_mb", [128, 0])
+async def test_a_body_in_flight_is_held_in_memory_only_within_the_budget(
+    make_client: ClientFactory, storage: Path, memory_mb: int
+) -> None:
+    client = await make_client(upload_memory_mb=memory_mb)
+    upload = samples.encode(samples.photo((600, 400)), "PNG")
+    half_sent = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield upload[:50_000]
+        half_sent.set()
+        await go_on.wait()
+        yield upload[50_000:]
+
+    posting = asyncio.create_task(client.post("/images", data=slow_body()))
+    await half_sent.wait()
+    for _ in range(100):  # until the server has read what was sent
+        held = value(await scrape(client), "asgilook_upload_bytes_in_memory")
+        spooled = [path for path in stored_files(storage) if path.startswith("staging/")]
+        if held or spooled:
+            break
+        await asyncio.sleep(0.01)
+    if memory_mb:
+        assert held == 50_000
+        assert spooled == []
+    else:
+        assert held == 0
+        assert len(spooled) == 1
+    go_on.set()
+    response = await posting
+    assert response.status == 201
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+    assert [path.split("/")[0] for path in stored_files(storage)] == ["images"]
