@@ -42,6 +42,15 @@ class Placement(NamedTuple):
     final: str
 
 
+def _write_new(path: Path, chunks: list[bytes]) -> None:
+    try:
+        with open(path, "xb") as file:
+            file.writelines(chunks)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
 def place_durably(data: bytes, placement: Placement) -> None:
     """Put ``data`` at its final place by way of staging, atomically and durably: once
     this returns, the file and its directory entry survive a power cut."""
@@ -113,7 +122,7 @@ class Blobs:
         return self._staging / f"{self._run}-{next(self._serial)}{suffix}"
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> tuple[Path, int]:
-        """Write a stream to a new staging file; return its path and size."""
+        """Write a stream to a new staging file as it arrives; return its path and size."""
         path = self.staging_path(".upload")
         size = 0
         try:
@@ -125,6 +134,12 @@ class Blobs:
             path.unlink(missing_ok=True)
             raise
         return path, size
+
+    async def stage_at_once(self, chunks: list[bytes]) -> Path:
+        """Write chunks already in memory to a new staging file, in one go."""
+        path = self.staging_path(".upload")
+        await asyncio.to_thread(_write_new, path, chunks)
+        return path
 
     async def existing(self, path: Path) -> Path | None:
         return path if await asyncio.to_thread(path.is_file) else None

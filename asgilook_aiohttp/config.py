@@ -192,8 +192,8 @@ _SETTINGS = (
         "upload_memory_mb",
         "--upload-memory-mb",
         _whole_number(0),
-        "memory all upload bodies in flight may take, in MiB; bodies beyond it are spooled "
-        "to disk (default 128)",
+        "memory all upload bodies being received may take, in MiB; beyond it, bodies are "
+        "written to disk chunk by chunk (default 128)",
     ),
     _Setting(
         "max_pixels",

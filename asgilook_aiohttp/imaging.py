@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import resource
 from typing import NamedTuple
 
@@ -67,16 +68,19 @@ def init_worker(memory_limit_bytes: int) -> None:
     Image.init()
 
 
-def convert_upload(
-    upload: bytes | str, placement: Placement, max_pixels: int, quality: int
-) -> Converted:
-    """Turn an upload (its bytes, or the path of the file holding them) into the JPEG
-    stored at ``placement``."""
-    if isinstance(upload, str):
-        with open(upload, "rb") as file:
-            upload = file.read()
+def convert_upload(upload: str, placement: Placement, max_pixels: int, quality: int) -> Converted:
+    """Turn the uploaded file at ``upload``, removed once read, into the JPEG stored at
+    ``placement``."""
+    with open(upload, "rb") as file:
+        data = file.read()
+    os.unlink(upload)
+    return convert(data, placement, max_pixels, quality)
+
+
+def convert(data: bytes, placement: Placement, max_pixels: int, quality: int) -> Converted:
+    """Turn an image's bytes into the JPEG stored at ``placement``."""
     try:
-        jpeg, size = _to_jpeg(upload, max_pixels, quality)
+        jpeg, size = _to_jpeg(data, max_pixels, quality)
     except MemoryError:
         raise TooMuchMemory(
             "converting this image needs more memory than a worker may use; send a smaller image"

@@ -1,9 +1,10 @@
-"""Upload bodies on their way to a worker: held in memory while a shared budget lasts,
-spilled to a staging file beyond it.
+"""Receiving upload bodies into staging files: held in memory while they arrive and
+written in one go, as long as a shared memory budget lasts; streamed to disk beyond it.
 
-A body in memory goes to its worker through the executor's pipe: the event loop spends no
-thread hop per chunk written and the worker reads no file. The budget bounds what many
-slow or queued uploads can hold at once; past it, bodies stream to disk as they arrive.
+Written at once, a body costs the event loop one thread hop instead of one per chunk.
+The budget bounds what many slow uploads arriving together can hold; past it, bodies are
+written chunk by chunk as they come. Either way a worker gets a file to read: the page
+cache hands it over far more cheaply than the executor's pipe would carry the bytes.
 """
 
 from __future__ import annotations
@@ -17,17 +18,10 @@ from .blobs import Blobs
 
 @dataclass(frozen=True)
 class Staged:
-    """An upload received in full and waiting for conversion: its bytes, or the staging
-    file that holds them."""
+    """An upload received in full and waiting for conversion, in a staging file."""
 
+    path: Path
     size: int
-    data: bytes | None = None
-    path: Path | None = None
-
-    @property
-    def source(self) -> bytes | str:
-        """What the worker converts: the bytes, or the file's path."""
-        return self.data if self.data is not None else str(self.path)
 
 
 class Spool:
@@ -42,7 +36,7 @@ class Spool:
         return self._budget - self._available
 
     async def receive(self, chunks: AsyncIterable[bytes]) -> Staged:
-        """Take a whole body; the caller owns the result and must ``release`` it."""
+        """Take a whole body into a staging file; the caller owns it and must remove it."""
         stream = aiter(chunks)
         held: list[bytes] = []
         reserved = 0
@@ -50,21 +44,16 @@ class Spool:
             async for chunk in stream:
                 if len(chunk) > self._available:
                     path, size = await self._blobs.stage(_chained(held, chunk, stream))
-                    return Staged(size, path=path)
+                    return Staged(path, size)
                 self._available -= len(chunk)
                 reserved += len(chunk)
                 held.append(chunk)
-            data = b"".join(held)
-            staged, reserved = Staged(len(data), data=data), 0  # now the caller's to release
-            return staged
+            return Staged(await self._blobs.stage_at_once(held), reserved)
         finally:
             self._available += reserved
 
-    async def release(self, staged: Staged) -> None:
-        if staged.path is not None:
-            await self._blobs.discard(staged.path)
-        else:
-            self._available += staged.size
+    async def discard(self, staged: Staged) -> None:
+        await self._blobs.discard(staged.path)
 
 
 async def _chained(

@@ -1,9 +1,9 @@
 """The Store: the one place that knows an image is a file plus an index row (and its
 thumbnails, likewise).
 
-An upload is received (in memory, or in a staging file when memory is short), journaled
-as pending under its new id, converted by a worker that also moves the JPEG into place
-durably, and only then recorded in the index. A crash at any point leaves either nothing
+An upload is received into a staging file, journaled as pending under its new id,
+converted by a worker that also moves the JPEG into place durably, and only then recorded
+in the index. A crash at any point leaves either nothing
 visible or a complete image. A deletion removes the row first and
 journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
 """
@@ -124,7 +124,7 @@ class Store:
         return await self._spool.receive(chunks)
 
     async def discard(self, staged: Staged) -> None:
-        await self._spool.release(staged)
+        await self._spool.discard(staged)
 
     async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
         """Run ``work`` to its end even if the request awaiting it is cancelled, so that
@@ -143,7 +143,7 @@ class Store:
         await asyncio.gather(*self._unfinished, return_exceptions=True)
 
     async def add(self, staged: Staged) -> tuple[ImageRecord, str]:
-        """Convert a staged upload and store it; the staged file is consumed either way.
+        """Convert a staged upload and store it; the staged file is removed either way.
 
         Returns the image and its delete token, which is kept only as a hash.
         """
@@ -161,7 +161,7 @@ class Store:
             try:
                 converted = await self.converter.run(
                     imaging.convert_upload,
-                    staged.source,
+                    str(staged.path),
                     placement,
                     self._config.max_pixels,
                     self._config.jpeg_quality,
@@ -177,12 +177,14 @@ class Store:
                 )
                 await self._index.add(record)
             except BaseException:
-                await self._blobs.discard(placement.staging)  # its worker may have died half-way
                 await self._blobs.delete(image_id)
                 await self._index.drop_pending(image_id)
                 raise
-        finally:
-            await self._spool.release(staged)
+        except BaseException:
+            # The worker removes both staging files itself unless it died half-way.
+            await self._spool.discard(staged)
+            await self._blobs.discard(placement.staging)
+            raise
         self._image_count += 1
         self._image_bytes += record.nbytes
         return record

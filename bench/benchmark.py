@@ -62,11 +62,11 @@ def _keep_upload(data: bytes) -> None:
 
 
 def _convert_once(scratch: str) -> None:
-    """The job a server worker runs for an upload, with the upload already in memory."""
+    """A server worker's job for an upload, minus reading the uploaded file."""
     name = uuid.uuid4().hex
     destination = os.path.join(scratch, f"{name}.jpeg")
     placement = Placement(os.path.join(scratch, f"{name}.staging"), destination)
-    imaging.convert_upload(_upload["data"], placement, 50_000_000, 90)
+    imaging.convert(_upload["data"], placement, 50_000_000, 90)
     os.remove(destination)
 
 

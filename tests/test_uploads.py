@@ -1,5 +1,5 @@
-"""Uploads of every common format, each downloaded again and decoded; bodies held in
-memory or spooled to disk."""
+"""Uploads of every common format, each downloaded again and decoded; bodies received in
+memory or straight to disk."""
 
 from __future__ import annotations
 
@@ -229,7 +229,8 @@ async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
     upload = samples.encode(samples.photo((1200, 900)), "PNG")
     assert len(upload) > 1024 * 1024
     stored = []
-    # All in memory; in memory until the 1 MiB budget runs out, then on disk; all on disk.
+    # All in memory; in memory until the 1 MiB budget runs out, then chunk by chunk to disk;
+    # all chunk by chunk.
     for memory_mb in (128, 1, 0):
         client = await make_client(upload_memory_mb=memory_mb)
         response = await client.post("/images", data=io.BytesIO(upload))
