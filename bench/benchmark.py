@@ -65,7 +65,7 @@ def _convert_once(scratch: str) -> None:
     """A server worker's job for an upload, minus reading the uploaded file."""
     name = uuid.uuid4().hex
     destination = os.path.join(scratch, f"{name}.jpeg")
-    placement = Placement(os.path.join(scratch, f"{name}.staging"), destination)
+    placement = Placement(os.path.join(scratch, f"{name}.staging"), destination, cached=False)
     imaging.convert(_upload["data"], placement, 50_000_000, 90)
     os.remove(destination)
 

@@ -46,7 +46,8 @@ def in_process(source: str, size: tuple[int, int], rounds: int) -> tuple[float, 
                 destination = os.path.join(scratch, f"{n}-{draft}.jpeg")
                 start = time.perf_counter()
                 if draft:
-                    placement = Placement(os.path.join(scratch, f"{n}.staging"), destination)
+                    staging = os.path.join(scratch, f"{n}.staging")
+                    placement = Placement(staging, destination, cached=True)
                     imaging.make_thumbnail(source, placement, *size, 90)
                 else:
                     make_without_draft(source, destination, *size)
