@@ -42,6 +42,7 @@ from loadgen import Pool
 sys.path.insert(0, str(ROOT))
 from asgilook_aiohttp import imaging
 from asgilook_aiohttp.blobs import Placement
+from asgilook_aiohttp.config import Config, MiB
 
 WORKERS = max(1, len(os.sched_getaffinity(0)))
 CONCURRENCY = (1, 4, 16)
@@ -59,7 +60,9 @@ def sample_images() -> dict[str, bytes]:
 _upload: dict[str, bytes] = {}
 
 
-def _keep_upload(data: bytes) -> None:
+def _start_worker(data: bytes) -> None:
+    """Set the process up as the server sets up its workers, and give it the upload."""
+    imaging.init_worker(Config.worker_memory_mb * MiB)
     _upload["data"] = data
 
 
@@ -74,10 +77,10 @@ def _convert_once(scratch: str) -> None:
 
 def in_process_limit(data: bytes, seconds: float) -> float:
     """Images per second when WORKERS processes do nothing but this conversion."""
-    _keep_upload(data)
+    _upload["data"] = data
     with (
         tempfile.TemporaryDirectory() as scratch,
-        ProcessPoolExecutor(WORKERS, initializer=_keep_upload, initargs=(data,)) as pool,
+        ProcessPoolExecutor(WORKERS, initializer=_start_worker, initargs=(data,)) as pool,
     ):
         list(pool.map(_convert_once, [scratch] * WORKERS))  # warm up
         start = time.perf_counter()
