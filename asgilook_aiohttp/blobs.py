@@ -47,6 +47,12 @@ class Placement(NamedTuple):
     cached: bool
 
 
+# Up to this size a body is written into the page cache on the event loop itself: a
+# fraction of a millisecond, and cheaper than a thread hop, whose wake-ups and GIL
+# hand-overs cost the server about 0.8 ms of CPU per 0.3 MP upload (measured A/B).
+_WRITTEN_IN_PLACE = 512 * 1024
+
+
 def _write_new(path: Path, chunks: list[bytes]) -> None:
     try:
         with open(path, "xb") as file:
@@ -148,7 +154,10 @@ class Blobs:
     async def stage_at_once(self, chunks: list[bytes]) -> Path:
         """Write chunks already in memory to a new staging file, in one go."""
         path = self.staging_path(".upload")
-        await asyncio.to_thread(_write_new, path, chunks)
+        if sum(map(len, chunks)) <= _WRITTEN_IN_PLACE:
+            _write_new(path, chunks)
+        else:
+            await asyncio.to_thread(_write_new, path, chunks)
         return path
 
     async def existing(self, path: Path) -> Path | None:
