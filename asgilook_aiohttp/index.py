@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,26 +134,36 @@ class Index:
             self._db = None
         self._thread.shutdown()
 
-    async def add_pending(self, image_id: str) -> None:
-        """Journal an upload before its file is moved into place.
+    async def add_pending(self, image_ids: Iterable[str]) -> None:
+        """Journal ids of uploads before files of theirs are moved into place.
 
-        Not fsynced: it reaches the disk with the image's own row, one commit later. A
-        crash of the process loses neither (SQLite has written both to the OS); a power
-        cut in between can lose this one and leave an unlisted file behind, never a
-        listed image without its file.
+        Not fsynced: it reaches the disk with the next image's own row. A crash of the
+        process loses neither (SQLite has written both to the OS); a power cut in between
+        can lose this one and leave an unlisted file behind, never a listed image without
+        its file.
         """
+        rows = [(image_id,) for image_id in image_ids]
 
         def add_pending(db: sqlite3.Connection) -> None:
             db.execute("PRAGMA synchronous=NORMAL")
             try:
-                db.execute("INSERT INTO pending (id) VALUES (?)", (image_id,))
+                with db:
+                    db.execute("BEGIN")
+                    db.executemany("INSERT INTO pending (id) VALUES (?)", rows)
             finally:
                 db.execute("PRAGMA synchronous=FULL")
 
         await self._call(add_pending)
 
-    async def drop_pending(self, image_id: str) -> None:
-        await self._call(lambda db: db.execute("DELETE FROM pending WHERE id = ?", (image_id,)))
+    async def drop_pending(self, image_ids: Iterable[str]) -> None:
+        rows = [(image_id,) for image_id in image_ids]
+
+        def drop_pending(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.executemany("DELETE FROM pending WHERE id = ?", rows)
+
+        await self._call(drop_pending)
 
     async def pending(self) -> list[str]:
         def pending(db: sqlite3.Connection) -> list[str]:

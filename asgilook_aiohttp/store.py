@@ -39,6 +39,8 @@ def _token_hash(token: str) -> str:
 
 
 INDEX_FILE = "index.sqlite3"
+# Image ids journaled as pending in one write, ahead of the uploads that will take them.
+SPARE_IDS = 64
 
 
 class Store:
@@ -57,6 +59,8 @@ class Store:
         self._thumbnails = thumbnails
         self._spool = Spool(blobs, config.upload_memory_mb * MiB)
         self._unfinished: set[asyncio.Task[Any]] = set()
+        self._spare_ids: list[str] = []
+        self._journaling = asyncio.Lock()
         self._image_count = 0
         self._image_bytes = 0
 
@@ -94,9 +98,10 @@ class Store:
             index = Index(config.storage_path / INDEX_FILE)
             await index.open()
             resources.push_async_callback(index.close)
-            for image_id in await index.pending():  # what a crash left half-done
+            leftover = await index.pending()  # what a crash left half-done, if anything
+            for image_id in leftover:
                 await blobs.delete(image_id)
-                await index.drop_pending(image_id)
+            await index.drop_pending(leftover)
             converter = Converter(
                 workers=config.workers,
                 queue_size=config.queue_size,
@@ -119,6 +124,7 @@ class Store:
             store._watch(metrics)
             yield store
             await store._finish_unfinished()
+            await index.drop_pending(store._spare_ids)
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
         return await self._spool.receive(chunks)
@@ -152,12 +158,9 @@ class Store:
         return record, delete_token
 
     async def _add(self, staged: Staged, delete_token_sha256: str) -> ImageRecord:
-        image_id = str(uuid.uuid4())
-        placement = self._blobs.image_placement(image_id)
         try:
-            # Journaled first: the worker moves the file into place, and if anything stops
-            # before the index row is in, the next start-up knows to delete that file.
-            await self._index.add_pending(image_id)
+            image_id = await self._new_id()
+            placement = self._blobs.image_placement(image_id)
             try:
                 converted = await self.converter.run(
                     imaging.convert_upload,
@@ -177,17 +180,30 @@ class Store:
                 )
                 await self._index.add(record)
             except BaseException:
+                await self._blobs.discard(placement.staging)  # its worker may have died
                 await self._blobs.delete(image_id)
-                await self._index.drop_pending(image_id)
+                await self._index.drop_pending([image_id])
                 raise
         except BaseException:
-            # The worker removes both staging files itself unless it died half-way.
-            await self._spool.discard(staged)
-            await self._blobs.discard(placement.staging)
+            await self._spool.discard(staged)  # the worker removes it, unless it died first
             raise
         self._image_count += 1
         self._image_bytes += record.nbytes
         return record
+
+    async def _new_id(self) -> str:
+        """A fresh image id, already journaled as pending.
+
+        The worker moves an upload's file into place, and if anything stops before its
+        index row is in, the next start-up deletes the files of every pending id. Ids are
+        journaled ahead, a batch in one write, so that an upload need not wait for one.
+        """
+        async with self._journaling:
+            if not self._spare_ids:
+                batch = [str(uuid.uuid4()) for _ in range(SPARE_IDS)]
+                await self._index.add_pending(batch)
+                self._spare_ids = batch
+            return self._spare_ids.pop()
 
     async def get(self, image_id: str) -> ImageRecord | None:
         return await self._index.get(image_id)
@@ -223,7 +239,7 @@ class Store:
         self._image_bytes -= deleted.image_bytes
         self._thumbnails.forget(deleted.thumbnail_bytes)
         await self._blobs.delete(image_id)
-        await self._index.drop_pending(image_id)
+        await self._index.drop_pending([image_id])
         return True
 
     def thumbnail_sizes(self, record: ImageRecord) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ async def test_uploads_need_the_write_token_when_one_is_set(guarded: Client, sto
     await assert_problem(await guarded.post("/images", data=PNG, headers=bearer("wrong")), 403)
     basic = {"Authorization": f"Basic {WRITE_TOKEN}"}
     await assert_problem(await guarded.post("/images", data=PNG, headers=basic), 401)
-    assert index_rows(storage) == (0, 0)
+    assert index_rows(storage) == (0, 0)  # refused before any id was journaled
     await upload(guarded, bearer(WRITE_TOKEN))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from asgilook_aiohttp.blobs import Blobs, write_durably
 from asgilook_aiohttp.index import Index
-from asgilook_aiohttp.store import INDEX_FILE
+from asgilook_aiohttp.store import INDEX_FILE, SPARE_IDS
 
 import samples
 from checks import ClientFactory, assert_nothing_stored, image_object, index_rows, stored_files
@@ -42,7 +42,7 @@ async def test_startup_sweeps_what_an_interrupted_upload_left(
     blobs.open()
     index = Index(storage / INDEX_FILE)
     await index.open()
-    await index.add_pending(interrupted)
+    await index.add_pending([interrupted])
     await index.close()
     final = blobs.path(interrupted)
     final.parent.mkdir(parents=True)
@@ -72,3 +72,22 @@ async def test_sweep_keeps_complete_images(make_client: ClientFactory, storage: 
     ]
     assert index_rows(storage) == (1, 0)
     assert (await second.get(image["image"])).status == 200
+
+
+async def test_ids_are_journaled_ahead_and_each_is_cleared_once_used(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client()
+    png = samples.encode(samples.two_tone(), "PNG")
+    assert index_rows(storage) == (0, 0)
+    assert (await client.post("/images", data=png)).status == 201
+    assert index_rows(storage) == (1, SPARE_IDS - 1)  # a batch journaled, one id used
+    assert (await client.post("/images", data=b"not an image")).status == 415
+    assert index_rows(storage) == (1, SPARE_IDS - 2)  # a refused upload's id is dropped too
+    for _ in range(SPARE_IDS - 1):  # the rest of the batch, then one from a new batch
+        assert (await client.post("/images", data=png)).status == 201
+    assert index_rows(storage) == (SPARE_IDS, SPARE_IDS - 1)
+    listed = await (await client.get(f"/images?limit={SPARE_IDS + 1}")).json()
+    assert len({image["id"] for image in listed}) == SPARE_IDS
+    await client.close()
+    assert index_rows(storage) == (SPARE_IDS, 0)  # spare ids are let go at shutdown
