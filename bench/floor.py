@@ -1,0 +1,89 @@
+"""What receiving an upload costs aiohttp alone, and the ceiling that puts on the upload
+ratio of bench/benchmark.py on this machine.
+
+    python bench/floor.py [--seconds 4]
+
+A bare aiohttp app (one handler: read the body in 256 KiB chunks, as the real server
+does, and answer 201 with a small JSON object) runs as a subprocess on loopback and takes
+the benchmark's uploads from the same load generator at concurrency 16. Its CPU per upload
+is a floor for an aiohttp server; with the workers needing w ms per job (the CPUs over
+the limit's rate), the server at least s and the load generator c, no server on these
+CPUs can pass w / (w + s + c) of the limit. The real server's CPU per upload, printed by
+bench/benchmark.py, less s is what storing an image costs beyond receiving it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+
+from aiohttp import web
+from benchmark import WORKERS, in_process_limit, load, own_cpu, sample_images, uploader
+from common import tree_cpu
+from loadgen import Pool
+
+
+async def _accept(request: web.Request) -> web.Response:
+    async for _ in request.content.iter_chunked(256 * 1024):  # as the real server reads
+        pass
+    return web.json_response({"id": "00000000-0000-4000-8000-000000000000"}, status=201)
+
+
+async def serve() -> None:
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/images", _accept)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"bare server on http://{host}:{port}", flush=True)
+    await asyncio.Event().wait()
+
+
+async def start_bare_server() -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve", stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 60)
+    match = re.search(rb"http://127\.0\.0\.1:\d+", line)
+    assert match, line
+    return process, match.group(0).decode()
+
+
+async def main(seconds: float) -> None:
+    process, url = await start_bare_server()
+    pool = Pool(url)
+    cpus = len(os.sched_getaffinity(0))
+    print(f"{WORKERS} workers' worth of limit on {cpus} CPUs")
+    print(f"{'upload':<11} {'server ms':>9} {'client ms':>9} {'worker ms':>9} {'ceiling':>8}")
+    try:
+        for name, data in sample_images().items():
+            limit = await asyncio.to_thread(in_process_limit, data, seconds)
+            count = max(64, int(limit * seconds))
+            server_before, client_before = tree_cpu(process.pid)[0], own_cpu()
+            await load(16, count, uploader(pool, data))
+            server = (tree_cpu(process.pid)[0] - server_before) / count * 1e3
+            client = (own_cpu() - client_before) / count * 1e3
+            worker = cpus / limit * 1e3
+            ceiling = worker / (worker + server + client)
+            print(f"{name:<11} {server:9.2f} {client:9.2f} {worker:9.2f} {ceiling:8.2f}")
+    finally:
+        pool.close()
+        process.terminate()
+        await process.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.serve:
+        asyncio.run(serve())
+    else:
+        asyncio.run(main(arguments.seconds))
