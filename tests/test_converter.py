@@ -91,35 +91,6 @@ async def test_other_workers_keep_their_jobs_when_one_dies(
     assert statuses == [201, 503]
 
 
-async def test_upload_next_in_line_at_a_worker_that_dies_goes_through(
-    make_client: ClientFactory, slow_png: bytes
-) -> None:
-    client = await make_client(workers=1)
-    doomed = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
-    await wait_until_busy(client)
-    next_in_line = asyncio.create_task(client.post("/images", data=SMALL_PNG))
-    await until(lambda: converter(client).waiting == 1)
-    (victim,) = converter(client).worker_pids()
-    os.kill(victim, signal.SIGKILL)
-
-    await assert_problem(await doomed, 503, "worker-lost")
-    response = await next_in_line  # it never started, so it went to the replacement
-    assert response.status == 201, await response.text()
-    assert converter(client).worker_pids() != [victim]
-
-
-async def test_upload_next_in_line_behind_one_over_the_time_limit_goes_through(
-    make_client: ClientFactory, slow_png: bytes
-) -> None:
-    client = await make_client(workers=1, conversion_timeout=0.2)
-    slow = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
-    await wait_until_busy(client)
-    next_in_line = asyncio.create_task(client.post("/images", data=SMALL_PNG))
-    await assert_problem(await slow, 503, "conversion-timeout")
-    response = await next_in_line
-    assert response.status == 201, await response.text()
-
-
 async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     make_client: ClientFactory, storage: Path, slow_png: bytes
 ) -> None:
