@@ -73,7 +73,7 @@ class _Lane:
             max_workers=1,
             mp_context=_context(),
             initializer=imaging.init_worker,
-            initargs=(self._memory_limit_bytes,),
+            initargs=(self._memory_limit_bytes, os.getpid()),
         )
         loop = asyncio.get_running_loop()
         # Starting the process now, not at the first upload, also tells us its pid.

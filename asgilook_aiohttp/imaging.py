@@ -10,6 +10,9 @@ import hashlib
 import io
 import os
 import resource
+import select
+import signal
+import threading
 from typing import NamedTuple
 
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -61,8 +64,10 @@ class Converted(NamedTuple):
     sha256: str
 
 
-def init_worker(memory_limit_bytes: int) -> None:
-    """Set up a worker process: cap its memory so one hostile image can't exhaust the host."""
+def init_worker(memory_limit_bytes: int, server_pid: int) -> None:
+    """Set up a worker process: make it die with the server, and cap its memory so one
+    hostile image can't exhaust the host."""
+    _die_with(server_pid)
     resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     # The pixel limit is checked against the header, with a message that gives the size;
     # Pillow's own check, with its fixed limit, would get in first.
@@ -73,6 +78,23 @@ def init_worker(memory_limit_bytes: int) -> None:
     # and faulting fresh pages in again: 2 MP conversions took 40 ms of CPU in place of
     # 50-54 ms in the server's workers (bench/benchmark.py), for at most 64 MiB kept.
     pillow_core.set_blocks_max(_KEPT_IMAGE_BLOCKS)  # what PILLOW_BLOCKS_MAX would set
+
+
+def _die_with(server_pid: int) -> None:
+    """Be killed as soon as the server exits. Its forkserver outlives it (each worker
+    keeps the forkserver's liveness pipe open), and an orphaned worker could otherwise
+    move a file into images/ after the next start-up's sweep, where no index row or
+    journal entry names it."""
+    try:
+        server = os.pidfd_open(server_pid)
+    except OSError:  # Linux before 5.3: the service manager's kill must do
+        return
+
+    def watch() -> None:
+        select.select([server], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-server", daemon=True).start()
 
 
 def convert_upload(upload: str, placement: Placement, max_pixels: int, quality: int) -> Converted:

@@ -135,23 +135,13 @@ class Index:
         self._thread.shutdown()
 
     async def add_pending(self, image_ids: Iterable[str]) -> None:
-        """Journal ids of uploads before files of theirs are moved into place.
-
-        Not fsynced: it reaches the disk with the next image's own row. A crash of the
-        process loses neither (SQLite has written both to the OS); a power cut in between
-        can lose this one and leave an unlisted file behind, never a listed image without
-        its file.
-        """
+        """Journal ids of uploads, durably, before files of theirs are moved into place."""
         rows = [(image_id,) for image_id in image_ids]
 
         def add_pending(db: sqlite3.Connection) -> None:
-            db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with db:
-                    db.execute("BEGIN")
-                    db.executemany("INSERT INTO pending (id) VALUES (?)", rows)
-            finally:
-                db.execute("PRAGMA synchronous=FULL")
+            with db:
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO pending (id) VALUES (?)", rows)
 
         await self._call(add_pending)
 

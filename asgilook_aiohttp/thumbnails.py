@@ -104,7 +104,10 @@ class Thumbnails:
         except FileNotFoundError:  # the image was deleted meanwhile
             return None
         except BaseException:
-            await self._blobs.discard(placement.staging)  # its worker may have died half-way
+            # Its worker may have died half-way, or been stopped for its time just after
+            # moving the file into place: no row will name that file.
+            await self._blobs.discard(placement.staging)
+            await self._blobs.discard_thumbnail(Path(placement.final))
             raise
         record = ThumbnailRecord(
             image.id, width, height, made.nbytes, made.sha256, int(time.time())

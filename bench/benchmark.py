@@ -62,7 +62,7 @@ _upload: dict[str, bytes] = {}
 
 def _start_worker(data: bytes) -> None:
     """Set the process up as the server sets up its workers, and give it the upload."""
-    imaging.init_worker(Config.worker_memory_mb * MiB)
+    imaging.init_worker(Config.worker_memory_mb * MiB, os.getppid())
     _upload["data"] = data
 
 

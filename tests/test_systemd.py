@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -191,6 +192,29 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     assert sorted(image["id"] for image in listed) == sorted(str(i["id"]) for i in images)
     restarted.signal(signal.SIGTERM)
     assert await restarted.exit_code() == 0
+
+
+async def test_workers_die_with_a_killed_server_and_store_nothing_after(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage, "--workers", "1")
+    slow = samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+    upload = asyncio.create_task(session.post(f"{server.url}/images", data=io.BytesIO(slow)))
+
+    async def converting() -> bool:
+        async with session.get(f"{server.url}/metrics") as response:
+            return "asgilook_conversion_workers_busy 1.0" in await response.text()
+
+    async with asyncio.timeout(30):
+        while not await converting():  # noqa: ASYNC110 - the state is in another process
+            await asyncio.sleep(0.01)
+    server.signal(signal.SIGKILL)  # mid-conversion: about half a second of work left
+    with pytest.raises(aiohttp.ClientError):
+        await upload
+    await asyncio.sleep(2)
+    assert processes_in_group(server.process.pid) == []
+    assert [path for path in (storage / "images").rglob("*") if path.is_file()] == []
 
 
 def test_watchdog_interval_is_half_the_timeout_and_only_for_this_process() -> None:
