@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
@@ -44,3 +45,10 @@ async def client(make_client: ClientFactory) -> Client:
 async def stop_servers_left_running() -> AsyncIterator[None]:
     yield
     await stop_all()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for servers run as real processes."""
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +83,17 @@ async def start_server(
     match = re.fullmatch(r"asgilook-aiohttp listening on (\S+)\n", line)
     assert match, line
     return Server(process, match.group(1))
+
+
+@asynccontextmanager
+async def running(storage: Path, *flags: str) -> AsyncIterator[Server]:
+    """A server on ``storage`` for the length of the block; then SIGTERM and exit status 0."""
+    server = await start_server(storage, *flags)
+    try:
+        yield server
+    finally:
+        server.signal(signal.SIGTERM)
+        assert await server.exit_code() == 0
 
 
 def processes_in_group(pgid: int) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -15,13 +16,7 @@ import pytest
 
 import samples
 from checks import image_object
-from serving import ROOT, Server, processes_in_group, start_server
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+from serving import ROOT, Server, processes_in_group, running, start_server
 
 
 async def upload(session: aiohttp.ClientSession, server: Server, data: bytes) -> dict[str, str]:
@@ -80,12 +75,8 @@ async def test_sigterm_lets_an_upload_in_flight_finish(
         image = image_object(await reply.json())
     assert await server.exit_code() == 0
 
-    restarted = await start_server(storage)
-    try:
+    async with running(storage) as restarted:
         assert await (await session.get(f"{restarted.url}/images")).json() == [image]
-    finally:
-        restarted.signal(signal.SIGTERM)
-        assert await restarted.exit_code() == 0
 
 
 async def test_acknowledged_uploads_survive_kill_9(
@@ -100,15 +91,34 @@ async def test_acknowledged_uploads_survive_kill_9(
     os.killpg(server.process.pid, signal.SIGKILL)
     assert await server.exit_code() == -signal.SIGKILL
 
-    restarted = await start_server(storage)
-    try:
+    async with running(storage) as restarted:
         listed = await (await session.get(f"{restarted.url}/images")).json()
         assert [image["image"] for image in listed] == list(stored)
         for path, image_bytes in stored.items():
             assert await download(session, restarted, path) == image_bytes
-    finally:
-        restarted.signal(signal.SIGTERM)
-        assert await restarted.exit_code() == 0
+
+
+async def test_workers_die_with_a_killed_server_and_store_nothing_after(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage, "--workers", "1")
+    slow = samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+    upload = asyncio.create_task(session.post(f"{server.url}/images", data=io.BytesIO(slow)))
+
+    async def converting() -> bool:
+        async with session.get(f"{server.url}/metrics") as response:
+            return "asgilook_conversion_workers_busy 1.0" in await response.text()
+
+    async with asyncio.timeout(30):
+        while not await converting():  # noqa: ASYNC110 - the state is in another process
+            await asyncio.sleep(0.01)
+    server.signal(signal.SIGKILL)  # mid-conversion: about half a second of work left
+    with pytest.raises(aiohttp.ClientError):
+        await upload
+    await asyncio.sleep(2)
+    assert processes_in_group(server.process.pid) == []
+    assert [path for path in (storage / "images").rglob("*") if path.is_file()] == []
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:

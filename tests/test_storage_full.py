@@ -7,7 +7,7 @@ import io
 import os
 import random
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,29 +42,30 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     yield from tmpfs(tmp_path / "small", "4m")
 
 
-async def test_upload_spooled_to_a_full_disk_is_507(
-    make_client: ClientFactory, small_disk: Path
+def _noise_jpeg() -> bytes:
+    """About 5 MiB that is kept as it is: its stored copy does not fit the disk either."""
+    noise = Image.frombytes("RGB", (3000, 2000), random.Random(1).randbytes(3000 * 2000 * 3))
+    return samples.encode(noise, "JPEG", quality=90)
+
+
+@pytest.mark.parametrize(
+    ("upload_memory_mb", "make_body"),
+    [
+        pytest.param(0, lambda: os.urandom(6 * 1024 * 1024), id="body-spooled-to-disk"),
+        pytest.param(128, _noise_jpeg, id="body-in-memory-converted-image-too-big"),
+    ],
+)
+async def test_upload_to_a_full_disk_is_507_and_leaves_nothing(
+    make_client: ClientFactory,
+    small_disk: Path,
+    upload_memory_mb: int,
+    make_body: Callable[[], bytes],
 ) -> None:
     storage = small_disk / "storage"
-    client = await make_client(storage_path=storage, upload_memory_mb=0)  # bodies go to disk
-    data = os.urandom(6 * 1024 * 1024)  # more than the disk holds
-    response = await client.post("/images", data=io.BytesIO(data))
+    client = await make_client(storage_path=storage, upload_memory_mb=upload_memory_mb)
+    response = await client.post("/images", data=io.BytesIO(make_body()))
     await assert_problem(response, 507, "storage-full")
     assert "Retry-After" in response.headers
-    assert_nothing_stored(storage)
-    small = samples.encode(samples.two_tone(), "PNG")
-    assert (await client.post("/images", data=small)).status == 201
-
-
-async def test_converted_image_too_big_for_the_disk_is_507(
-    make_client: ClientFactory, small_disk: Path
-) -> None:
-    storage = small_disk / "storage"
-    client = await make_client(storage_path=storage)  # the body is held in memory
-    noise = Image.frombytes("RGB", (3000, 2000), random.Random(1).randbytes(3000 * 2000 * 3))
-    upload = samples.encode(noise, "JPEG", quality=90)  # about 5 MiB: more than the disk holds
-    response = await client.post("/images", data=io.BytesIO(upload))
-    await assert_problem(response, 507, "storage-full")
     assert_nothing_stored(storage)
     small = samples.encode(samples.two_tone(), "PNG")
     assert (await client.post("/images", data=small)).status == 201

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from asgilook_aiohttp import systemd
 
 import samples
 from checks import image_object
-from serving import processes_in_group, start_server
+from serving import processes_in_group, running, start_server
 
 PNG = samples.encode(samples.two_tone((640, 360)), "PNG")
 
@@ -55,12 +54,6 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     listener = NotifySocket(tmp_path / "notify.sock")
     yield listener
     listener.close()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def accepts(url: str) -> bool:
@@ -186,35 +179,9 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     assert processes_in_group(server.process.pid) == []
     assert list((storage / "staging").iterdir()) == []  # nothing half-written
 
-    restarted = await start_server(storage)
-    async with session.get(f"{restarted.url}/images") as response:
-        listed = await response.json()
+    async with running(storage) as restarted:
+        listed = await (await session.get(f"{restarted.url}/images")).json()
     assert sorted(image["id"] for image in listed) == sorted(str(i["id"]) for i in images)
-    restarted.signal(signal.SIGTERM)
-    assert await restarted.exit_code() == 0
-
-
-async def test_workers_die_with_a_killed_server_and_store_nothing_after(
-    tmp_path: Path, session: aiohttp.ClientSession
-) -> None:
-    storage = tmp_path / "storage"
-    server = await start_server(storage, "--workers", "1")
-    slow = samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
-    upload = asyncio.create_task(session.post(f"{server.url}/images", data=io.BytesIO(slow)))
-
-    async def converting() -> bool:
-        async with session.get(f"{server.url}/metrics") as response:
-            return "asgilook_conversion_workers_busy 1.0" in await response.text()
-
-    async with asyncio.timeout(30):
-        while not await converting():  # noqa: ASYNC110 - the state is in another process
-            await asyncio.sleep(0.01)
-    server.signal(signal.SIGKILL)  # mid-conversion: about half a second of work left
-    with pytest.raises(aiohttp.ClientError):
-        await upload
-    await asyncio.sleep(2)
-    assert processes_in_group(server.process.pid) == []
-    assert [path for path in (storage / "images").rglob("*") if path.is_file()] == []
 
 
 def test_watchdog_interval_is_half_the_timeout_and_only_for_this_process() -> None:
