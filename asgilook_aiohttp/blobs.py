@@ -151,10 +151,10 @@ class Blobs:
             raise
         return path, size
 
-    async def stage_at_once(self, chunks: list[bytes]) -> Path:
-        """Write chunks already in memory to a new staging file, in one go."""
+    async def stage_at_once(self, chunks: list[bytes], size: int) -> Path:
+        """Write ``size`` bytes of chunks already in memory to a new staging file, in one go."""
         path = self.staging_path(".upload")
-        if sum(map(len, chunks)) <= _WRITTEN_IN_PLACE:
+        if size <= _WRITTEN_IN_PLACE:
             _write_new(path, chunks)
         else:
             await asyncio.to_thread(_write_new, path, chunks)

@@ -136,24 +136,21 @@ class Index:
 
     async def add_pending(self, image_ids: Iterable[str]) -> None:
         """Journal ids of uploads, durably, before files of theirs are moved into place."""
-        rows = [(image_id,) for image_id in image_ids]
-
-        def add_pending(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("BEGIN")
-                db.executemany("INSERT INTO pending (id) VALUES (?)", rows)
-
-        await self._call(add_pending)
+        await self._for_each_id("INSERT INTO pending (id) VALUES (?)", image_ids)
 
     async def drop_pending(self, image_ids: Iterable[str]) -> None:
+        await self._for_each_id("DELETE FROM pending WHERE id = ?", image_ids)
+
+    async def _for_each_id(self, statement: str, image_ids: Iterable[str]) -> None:
+        """Run ``statement`` once per id, all in one transaction."""
         rows = [(image_id,) for image_id in image_ids]
 
-        def drop_pending(db: sqlite3.Connection) -> None:
+        def run(db: sqlite3.Connection) -> None:
             with db:
                 db.execute("BEGIN")
-                db.executemany("DELETE FROM pending WHERE id = ?", rows)
+                db.executemany(statement, rows)
 
-        await self._call(drop_pending)
+        await self._call(run)
 
     async def pending(self) -> list[str]:
         def pending(db: sqlite3.Connection) -> list[str]:

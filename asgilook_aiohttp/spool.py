@@ -1,7 +1,7 @@
 """Receiving upload bodies into staging files: held in memory while they arrive and
 written in one go, as long as a shared memory budget lasts; streamed to disk beyond it.
 
-Written at once, a body costs the event loop one thread hop instead of one per chunk.
+Written at once, a body costs the event loop at most one thread hop, not one per chunk.
 The budget bounds what many slow uploads arriving together can hold; past it, bodies are
 written chunk by chunk as they come. Either way a worker gets a file to read: the page
 cache hands it over far more cheaply than the executor's pipe would carry the bytes.
@@ -48,7 +48,7 @@ class Spool:
                 self._available -= len(chunk)
                 reserved += len(chunk)
                 held.append(chunk)
-            return Staged(await self._blobs.stage_at_once(held), reserved)
+            return Staged(await self._blobs.stage_at_once(held, reserved), reserved)
         finally:
             self._available += reserved
 

@@ -1,11 +1,11 @@
 """The Store: the one place that knows an image is a file plus an index row (and its
 thumbnails, likewise).
 
-An upload is received into a staging file, journaled as pending under its new id,
-converted by a worker that also moves the JPEG into place durably, and only then recorded
-in the index. A crash at any point leaves either nothing
-visible or a complete image. A deletion removes the row first and
-journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
+An upload is received into a staging file and given an id already journaled as pending;
+a worker converts it and moves the JPEG into place durably, and only then is it recorded
+in the index. A crash at any point leaves either nothing visible or a complete image. A
+deletion removes the row first and journals the id until the files are gone. ``open``
+finishes whatever a crash interrupted.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Store:
         )
         metrics.gauge(
             "asgilook_upload_bytes_in_memory",
-            "Bytes of upload bodies held in memory on their way to a worker.",
+            "Bytes of upload bodies held in memory while they arrive.",
             lambda: self._spool.held_bytes,
         )
         metrics.gauge(
