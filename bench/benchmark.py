@@ -338,14 +338,14 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{row['ratio']:6.2f} | {'':18} {row['server_cpu_ms']:6.1f} "
                 f"{row['workers_cpu_ms']:7.1f} {row['client_cpu_ms']:6.1f}"
             )
-    if "saturation" in report:
-        print("\nunder 16 concurrent 12 MP uploads:")
-        for key, value in report["saturation"].items():
-            print(f"  {key:<20} {value:8.1f}")
-    if "downloads" in report:
-        print("\ndownloads (concurrency 16) and thumbnails:")
-        for key, value in report["downloads"].items():
-            print(f"  {key:<22} {value:8.1f}")
+    for part, title in (
+        ("saturation", "under 16 concurrent 12 MP uploads"),
+        ("downloads", "downloads (concurrency 16) and thumbnails"),
+    ):
+        if part in report:
+            print(f"\n{title}:")
+            for key, value in report[part].items():
+                print(f"  {key:<22} {value:8.1f}")
     if "listing" in report:
         print(
             f"\n{'listing':>10} {'first p50':>10} {'first p99':>10} {'deep p50':>9} {'deep p99':>9}"
