@@ -30,7 +30,7 @@ def default_storage_path(environ: Mapping[str, str]) -> Path:
     return Path(data_home) / "asgilook-aiohttp"
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
@@ -39,7 +39,7 @@ class Config:
     storage_path: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = field(default_factory=_default_workers)
+    workers: int = field(default_factory=default_workers)
     queue_size: int = 32
     conversion_timeout: float = 30.0
     worker_memory_mb: int = 1024

@@ -2,7 +2,7 @@
 downloads, thumbnails and memory, each against the real server on loopback.
 
     python bench/benchmark.py [--json] [--seconds 4] [--listing-sizes 1000,100000,1000000]
-                              [--only uploads,saturation,downloads,listing]
+                              [--only uploads,saturation,downloads,listing] [--workers N]
 
 Prints a table (or, with --json, one JSON document) and the verdict on each target.
 """
@@ -42,9 +42,9 @@ from loadgen import Pool
 sys.path.insert(0, str(ROOT))
 from asgilook_aiohttp import imaging
 from asgilook_aiohttp.blobs import Placement
-from asgilook_aiohttp.config import Config, MiB
+from asgilook_aiohttp.config import Config, MiB, default_workers
 
-WORKERS = max(1, len(os.sched_getaffinity(0)))
+CPUS = len(os.sched_getaffinity(0))
 CONCURRENCY = (1, 4, 16)
 
 
@@ -75,17 +75,17 @@ def _convert_once(scratch: str) -> None:
     os.remove(destination)
 
 
-def in_process_limit(data: bytes, seconds: float) -> float:
-    """Images per second when WORKERS processes do nothing but this conversion."""
+def in_process_limit(data: bytes, seconds: float, workers: int) -> float:
+    """Images per second when ``workers`` processes do nothing but this conversion."""
     _upload["data"] = data
     with (
         tempfile.TemporaryDirectory() as scratch,
-        ProcessPoolExecutor(WORKERS, initializer=_start_worker, initargs=(data,)) as pool,
+        ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(data,)) as pool,
     ):
-        list(pool.map(_convert_once, [scratch] * WORKERS))  # warm up
+        list(pool.map(_convert_once, [scratch] * workers))  # warm up
         start = time.perf_counter()
         _convert_once(scratch)
-        jobs = max(4 * WORKERS, int(seconds * WORKERS / (time.perf_counter() - start)))
+        jobs = max(4 * workers, int(seconds * workers / (time.perf_counter() - start)))
         start = time.perf_counter()
         list(pool.map(_convert_once, [scratch] * jobs))
         return jobs / (time.perf_counter() - start)
@@ -135,7 +135,7 @@ def own_cpu() -> float:
 
 
 async def uploads(
-    pool: Pool, server: Server, images: dict[str, bytes], seconds: float
+    pool: Pool, server: Server, images: dict[str, bytes], seconds: float, workers: int
 ) -> list[dict[str, Any]]:
     """Throughput and latency, and where the CPU went: the server's own process, its
     workers, and this load generator, in milliseconds per upload.
@@ -146,7 +146,7 @@ async def uploads(
     rows = []
     pid = server.process.pid
     for name, data in images.items():
-        limit_before = await asyncio.to_thread(in_process_limit, data, seconds)
+        limit_before = await asyncio.to_thread(in_process_limit, data, seconds, workers)
         measured: list[dict[str, Any]] = []
         for concurrency in CONCURRENCY:
             count = max(2 * concurrency, int(limit_before * seconds))
@@ -165,7 +165,7 @@ async def uploads(
                     "client_cpu_ms": (client_after - client_before) / count * 1e3,
                 }
             )
-        limit_after = await asyncio.to_thread(in_process_limit, data, seconds)
+        limit_after = await asyncio.to_thread(in_process_limit, data, seconds, workers)
         limit = (limit_before + limit_after) / 2
         for row in measured:
             row["limit_per_s"] = limit
@@ -291,11 +291,13 @@ def verdicts(report: dict[str, Any]) -> dict[str, bool]:
 PARTS = ("uploads", "saturation", "downloads", "listing")
 
 
-async def main(seconds: float, listing_sizes: list[int], parts: list[str]) -> dict[str, Any]:
+async def main(
+    seconds: float, listing_sizes: list[int], parts: list[str], workers: int
+) -> dict[str, Any]:
     images = sample_images()
-    report: dict[str, Any] = {"workers": WORKERS, "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"workers": workers, "cpus": CPUS}
     with tempfile.TemporaryDirectory() as scratch:
-        server = await start_server(Path(scratch) / "storage")
+        server = await start_server(Path(scratch) / "storage", "--workers", str(workers))
         try:
             timeout = aiohttp.ClientTimeout(total=300)
             connector = aiohttp.TCPConnector(limit=64)
@@ -305,7 +307,7 @@ async def main(seconds: float, listing_sizes: list[int], parts: list[str]) -> di
                 pool = Pool(server.url)
                 try:
                     if "uploads" in parts:
-                        report["uploads"] = await uploads(pool, server, images, seconds)
+                        report["uploads"] = await uploads(pool, server, images, seconds, workers)
                     if "saturation" in parts:
                         report["saturation"] = await under_saturation(
                             session, pool, server, images["12 MP JPEG"], seconds
@@ -367,6 +369,12 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
     parser.add_argument("--listing-sizes", default="1000,100000,1000000")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="the server's conversion workers, and the limit's processes (default: as the server)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(PARTS),
         help=f"run only these parts, comma-separated (of {','.join(PARTS)}); no verdicts then",
@@ -376,7 +384,7 @@ if __name__ == "__main__":
     parts = arguments.only.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    result = asyncio.run(main(arguments.seconds, sizes, parts))
+    result = asyncio.run(main(arguments.seconds, sizes, parts, arguments.workers))
     if arguments.json:
         print(json.dumps(result, indent=2))
     else:

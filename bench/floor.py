@@ -1,7 +1,7 @@
 """What receiving an upload costs aiohttp alone, and the ceiling that puts on the upload
 ratio of bench/benchmark.py on this machine.
 
-    python bench/floor.py [--seconds 4]
+    python bench/floor.py [--seconds 4] [--workers N]
 
 A bare aiohttp app (one handler: read the body in 256 KiB chunks, as the real server
 does, and answer 201 with a small JSON object) runs as a subprocess on loopback and takes
@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 
 from aiohttp import web
-from benchmark import WORKERS, in_process_limit, load, own_cpu, sample_images, uploader
+from benchmark import CPUS, in_process_limit, load, own_cpu, sample_images, uploader
 from common import tree_cpu
 from loadgen import Pool
+
+from asgilook_aiohttp.config import default_workers
 
 
 async def _accept(request: web.Request) -> web.Response:
@@ -55,21 +56,20 @@ async def start_bare_server() -> tuple[asyncio.subprocess.Process, str]:
     return process, match.group(0).decode()
 
 
-async def main(seconds: float) -> None:
+async def main(seconds: float, workers: int) -> None:
     process, url = await start_bare_server()
     pool = Pool(url)
-    cpus = len(os.sched_getaffinity(0))
-    print(f"{WORKERS} workers' worth of limit on {cpus} CPUs")
+    print(f"{workers} workers' worth of limit on {CPUS} CPUs")
     print(f"{'upload':<11} {'server ms':>9} {'client ms':>9} {'worker ms':>9} {'ceiling':>8}")
     try:
         for name, data in sample_images().items():
-            limit = await asyncio.to_thread(in_process_limit, data, seconds)
+            limit = await asyncio.to_thread(in_process_limit, data, seconds, workers)
             count = max(64, int(limit * seconds))
             server_before, client_before = tree_cpu(process.pid)[0], own_cpu()
             await load(16, count, uploader(pool, data))
             server = (tree_cpu(process.pid)[0] - server_before) / count * 1e3
             client = (own_cpu() - client_before) / count * 1e3
-            worker = cpus / limit * 1e3
+            worker = CPUS / limit * 1e3
             ceiling = worker / (worker + server + client)
             print(f"{name:<11} {server:9.2f} {client:9.2f} {worker:9.2f} {ceiling:8.2f}")
     finally:
@@ -81,9 +81,12 @@ async def main(seconds: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each load run")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(), help="the limit's processes"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve:
         asyncio.run(serve())
     else:
-        asyncio.run(main(arguments.seconds))
+        asyncio.run(main(arguments.seconds, arguments.workers))
