@@ -3,14 +3,21 @@
 Each worker is its own single-process ``ProcessPoolExecutor`` (a "lane"). A plain pool of
 N processes is broken for good as soon as one of them dies, failing every job it holds;
 with lanes, a worker that crashes or is killed for running too long costs only the job it
-was running, and its lane is rebuilt in the background. Jobs wait for a free lane in an
-asyncio queue whose length is bounded, so overload is answered at once with 503.
+was running, and its lane is rebuilt in the background.
+
+A lane is handed its next job while it still runs one. Should its worker die before
+finishing the first, the second never started, and it is handed to a worker once more;
+its time limit runs from when the first is done. Other jobs wait their turn in line,
+and the line (jobs handed ahead included) is bounded, so overload is answered at once
+with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -30,6 +37,11 @@ _log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2
 # How long a killed worker may take to be noticed gone.
 _REAP_SECONDS = 5
+# A worker is handed its next job while it still runs one, so that it can start on it
+# the moment it is done instead of idling through the round trip to the server: under
+# load this took idle CPU from 12% to 3% and 0.3 MP uploads from 150-180/s to 170-190/s
+# (alternating runs). The job handed ahead counts as queued.
+_JOBS_PER_WORKER = 2
 
 
 class ConverterUnavailable(Exception):
@@ -65,33 +77,55 @@ class _Lane:
     def __init__(self, memory_limit_bytes: int) -> None:
         self._memory_limit_bytes = memory_limit_bytes
         self._executor: ProcessPoolExecutor | None = None
+        self._starting = asyncio.Lock()
+        self._last_job: asyncio.Future[Any] | None = None
         self.pid: int | None = None
         self.killed = False
+        # Each start is a new generation: news of a job from an earlier one is stale.
+        self.generation = 0
+        self.jobs = 0
+        self.rebuilding = False
 
-    async def start(self) -> None:
+    @property
+    def accepting(self) -> bool:
+        """Its worker may be handed a job now (it may still need starting first)."""
+        return not self.rebuilding and not self.killed and self.jobs < _JOBS_PER_WORKER
+
+    async def ensure_running(self) -> None:
+        """Start the worker, or replace it if it has died or been killed."""
+        async with self._starting:
+            if self._executor is None or not self.is_alive():
+                await self._stop()
+                await self._start()
+
+    async def _start(self) -> None:
         self._executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=_context(),
             initializer=imaging.init_worker,
             initargs=(self._memory_limit_bytes, os.getpid()),
         )
+        self.generation += 1
+        self._last_job = None
+        self.killed = False
         loop = asyncio.get_running_loop()
         # Starting the process now, not at the first upload, also tells us its pid.
         self.pid = await loop.run_in_executor(self._executor, os.getpid)
-        self.killed = False
 
-    async def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Hand a job to the worker, replacing the worker first if it died while idle."""
-        if self._executor is not None and self.is_alive():
-            with contextlib.suppress(BrokenProcessPool):
-                return asyncio.wrap_future(self._executor.submit(fn, *args))
-        await self.restart()
+    async def submit(
+        self, fn: Callable[..., T], *args: Any
+    ) -> tuple[asyncio.Future[T], asyncio.Future[Any] | None]:
+        """Hand a job to the worker (replacing the worker first if it died while idle).
+
+        Returns the job and the one the worker runs before it, if any. Raises
+        ``BrokenProcessPool`` if the worker turns out dead: the job never reached it.
+        """
+        await self.ensure_running()
         assert self._executor is not None
-        return asyncio.wrap_future(self._executor.submit(fn, *args))
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
+        job = asyncio.wrap_future(self._executor.submit(fn, *args))
+        ahead = self._last_job if self._last_job and not self._last_job.done() else None
+        self._last_job = job
+        return job, ahead
 
     def kill(self) -> None:
         self.killed = True
@@ -100,9 +134,14 @@ class _Lane:
                 os.kill(self.pid, signal.SIGKILL)
 
     async def stop(self) -> None:
+        async with self._starting:
+            await self._stop()
+
+    async def _stop(self) -> None:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        self.killed = False  # whatever was killed is gone now
 
     def is_alive(self) -> bool:
         """Its process runs and it has not been killed (its replacement is under way)."""
@@ -140,29 +179,29 @@ class Converter:
         self._lanes = [_Lane(memory_limit_bytes) for _ in range(workers)]
         self._queue_size = queue_size
         self._timeout = timeout
-        self._idle: asyncio.Queue[_Lane] = asyncio.Queue()
-        self._waiting = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._jobs_started = 0
         self._rebuilds: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
-        await asyncio.gather(*(lane.start() for lane in self._lanes))
-        for lane in self._lanes:
-            self._idle.put_nowait(lane)
+        await asyncio.gather(*(lane.ensure_running() for lane in self._lanes))
 
     async def close(self) -> None:
+        self._closing = True
         await asyncio.gather(*self._rebuilds, return_exceptions=True)
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
 
     @property
     def busy(self) -> int:
         """Workers running a job (or being restarted after one)."""
-        return len(self._lanes) - self._idle.qsize()
+        return sum(1 for lane in self._lanes if lane.jobs or lane.rebuilding)
 
     @property
     def waiting(self) -> int:
-        """Jobs queued for a free worker."""
-        return self._waiting
+        """Jobs waiting for a worker: for a free one, or behind another job in one."""
+        handed_ahead = sum(lane.jobs - 1 for lane in self._lanes if lane.jobs > 1)
+        return len(self._waiters) + handed_ahead
 
     @property
     def jobs_started(self) -> int:
@@ -174,15 +213,12 @@ class Converter:
 
     async def is_working(self) -> bool:
         """At least one worker can take jobs; idle workers found dead are replaced first."""
-        for _ in range(self._idle.qsize()):
-            lane = self._idle.get_nowait()
-            try:
-                if not lane.is_alive():
-                    await lane.restart()
-            except (OSError, BrokenProcessPool):
-                _log.exception("could not restart a conversion worker")
-            finally:
-                self._idle.put_nowait(lane)
+        for lane in self._lanes:
+            if not lane.jobs and not lane.rebuilding:
+                try:
+                    await lane.ensure_running()
+                except (OSError, BrokenProcessPool):
+                    _log.exception("could not restart a conversion worker")
         return any(lane.is_alive() for lane in self._lanes)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -205,56 +241,110 @@ class Converter:
                 self._observe(fn.__name__, outcome, time.perf_counter() - started)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._idle.empty() and self._waiting >= self._queue_size:
+        # A job that never reached a live worker, or waited behind one whose worker died,
+        # never started: it is handed out once more.
+        for attempt in range(2):
+            lane = await self._take_lane()
+            try:
+                job, ahead = await lane.submit(fn, *args)
+            except BaseException as error:
+                broken = isinstance(error, BrokenProcessPool)
+                self._lane_released(lane, lane.generation, broken=broken)
+                if isinstance(error, BrokenProcessPool) and attempt == 0:
+                    continue
+                if isinstance(error, (OSError, BrokenProcessPool)):
+                    _log.exception("could not start a conversion worker")
+                    raise WorkerLost("no conversion worker could be started") from None
+                raise
+            self._jobs_started += 1
+            job.add_done_callback(functools.partial(self._job_done, lane, lane.generation))
+            if ahead is not None:
+                finished, _ = await asyncio.wait({ahead}, timeout=self._timeout)
+                if not finished:  # it started before this job was handed over: overrun
+                    lane.kill()
+            finished, _ = await asyncio.wait({job}, timeout=self._timeout)
+            if not finished:
+                lane.kill()
+                # Jobs write files: the caller may clean up only once the worker is gone.
+                await asyncio.wait({job}, timeout=_REAP_SECONDS)
+                raise ConversionTimedOut(
+                    f"the conversion took longer than {self._timeout:g} s and was stopped"
+                )
+            try:
+                return job.result()
+            except BrokenProcessPool:
+                if attempt == 0 and ahead is not None and _died_running(ahead):
+                    continue
+                raise WorkerLost("the worker converting this image stopped unexpectedly") from None
+        raise AssertionError("unreachable")
+
+    async def _take_lane(self) -> _Lane:
+        """The least busy worker that can take a job, waiting in line for one if need be."""
+        lane = None if self._waiters else self._least_busy()
+        if (lane is None or lane.jobs) and self.waiting >= self._queue_size:
             raise QueueFull(
                 f"all {len(self._lanes)} conversion workers are busy and "
-                f"{self._waiting} uploads are waiting; try again shortly"
+                f"{self.waiting} uploads are waiting; try again shortly"
             )
-        self._waiting += 1
-        try:
-            lane = await self._idle.get()
-        finally:
-            self._waiting -= 1
-        self._jobs_started += 1
-        try:
-            job = await lane.submit(fn, *args)
-        except BaseException as error:
-            # Cancelled or failed while (re)starting its worker: the lane must not be lost.
-            self._idle.put_nowait(lane)
-            if isinstance(error, (OSError, BrokenProcessPool)):
-                _log.exception("could not start a conversion worker")
-                raise WorkerLost("no conversion worker could be started") from None
-            raise
-        # The lane is free again only when its process is, whatever happens to this task.
-        job.add_done_callback(lambda done: self._job_done(lane, done))
-        finished, _ = await asyncio.wait({job}, timeout=self._timeout)
-        if not finished:
-            lane.kill()
-            # Jobs write files: the caller may clean up only once the worker is gone.
-            await asyncio.wait({job}, timeout=_REAP_SECONDS)
-            raise ConversionTimedOut(
-                f"the conversion took longer than {self._timeout:g} s and was stopped"
-            )
-        try:
-            return job.result()
-        except BrokenProcessPool:
-            raise WorkerLost("the worker converting this image stopped unexpectedly") from None
+        if lane is None:
+            return await self._wait_for_lane()
+        lane.jobs += 1
+        return lane
 
-    def _job_done(self, lane: _Lane, job: asyncio.Future[Any]) -> None:
-        broken = not job.cancelled() and isinstance(job.exception(), BrokenProcessPool)
+    async def _wait_for_lane(self) -> _Lane:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter
+                if (lane := self._least_busy()) is not None:
+                    lane.jobs += 1
+                    return lane
+                # Woken, but another job got there first: wait again at the front.
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.appendleft(waiter)
+        finally:
+            self._waiters.remove(waiter)
+            self._wake_next()  # should this one have been woken in vain
+
+    def _least_busy(self) -> _Lane | None:
+        accepting = [lane for lane in self._lanes if lane.accepting]
+        return min(accepting, key=lambda lane: lane.jobs, default=None)
+
+    def _wake_next(self) -> None:
+        if self._least_busy() is None:
+            return
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _job_done(self, lane: _Lane, generation: int, job: asyncio.Future[Any]) -> None:
+        self._lane_released(lane, generation, broken=_died_running(job))
+
+    def _lane_released(self, lane: _Lane, generation: int, *, broken: bool) -> None:
+        lane.jobs -= 1
+        current = generation == lane.generation and not self._closing
         # A job can finish just as its time runs out and its worker is killed.
-        if broken or lane.killed:
+        if current and (broken or lane.killed) and not lane.rebuilding:
+            lane.rebuilding = True
             rebuild = asyncio.create_task(self._rebuild(lane))
             self._rebuilds.add(rebuild)
             rebuild.add_done_callback(self._rebuilds.discard)
         else:
-            self._idle.put_nowait(lane)
+            self._wake_next()
 
     async def _rebuild(self, lane: _Lane) -> None:
         try:
-            await lane.restart()
+            await lane.ensure_running()
         except (OSError, BrokenProcessPool):
-            # The lane goes back all the same: its next job tries to start it again.
+            # The lane takes jobs all the same: its next job tries to start it again.
             _log.exception("could not restart a conversion worker")
         finally:
-            self._idle.put_nowait(lane)
+            lane.rebuilding = False
+            self._wake_next()
+
+
+def _died_running(job: asyncio.Future[Any]) -> bool:
+    """The job ended because its worker died (or was stopped) before it finished."""
+    return job.cancelled() or isinstance(job.exception(), BrokenProcessPool)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from asgilook_aiohttp.converter import Converter
+from asgilook_aiohttp import converter as converter_module
+from asgilook_aiohttp.converter import ConversionTimedOut, Converter, QueueFull
 from asgilook_aiohttp.keys import STORE
 
 import samples
@@ -31,6 +34,11 @@ SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 def slow_png() -> bytes:
     """A 12-megapixel PNG: about half a second of work for a worker."""
     return samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+
+
+def _pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def converter(client: Client) -> Converter:
@@ -89,6 +97,95 @@ async def test_other_workers_keep_their_jobs_when_one_dies(
     os.kill(victim, signal.SIGKILL)
     statuses = sorted([(await upload).status for upload in uploads])
     assert statuses == [201, 503]
+
+
+async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_by_another(
+    client: Client, storage: Path, slow_png: bytes
+) -> None:
+    first = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
+    await wait_until_busy(client)
+    started = converter(client).jobs_started
+    behind = asyncio.create_task(client.post("/images", data=SMALL_PNG))
+    await until(lambda: converter(client).jobs_started == started + 1)
+    assert converter(client).waiting == 1  # handed to the busy worker, behind the first
+    (victim,) = converter(client).worker_pids()
+    os.kill(victim, signal.SIGKILL)
+
+    await assert_problem(await first, 503, "worker-lost")
+    response = await behind
+    assert response.status == 201
+    stored = await response.json()
+    assert (await client.get(stored["image"])).status == 200
+    listed = await (await client.get("/images")).json()
+    assert [image["id"] for image in listed] == [stored["id"]]
+    assert converter(client).worker_pids() != [victim]
+
+
+async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
+    make_client: ClientFactory,
+) -> None:
+    pool = converter(await make_client(conversion_timeout=0.5))
+    (stuck_worker,) = pool.worker_pids()
+    stuck = asyncio.create_task(pool.run(time.sleep, 30))
+    await until(lambda: pool.busy == 1)
+    behind = asyncio.create_task(pool.run(os.getpid))
+    await until(lambda: pool.waiting == 1)
+
+    with pytest.raises(ConversionTimedOut):
+        await stuck
+    ran_in = await behind
+    assert ran_in != stuck_worker
+    assert pool.worker_pids() == [ran_in]
+
+
+async def test_time_limit_of_a_job_handed_ahead_runs_from_its_own_start(
+    make_client: ClientFactory,
+) -> None:
+    pool = converter(await make_client(conversion_timeout=1.2))
+    began = time.monotonic()
+    # One worker: the second job waits for the first, 1.4 s in all, each within 1.2 s.
+    await asyncio.gather(pool.run(time.sleep, 0.7), pool.run(time.sleep, 0.7))
+    assert time.monotonic() - began >= 1.4
+
+
+async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
+    make_client: ClientFactory,
+) -> None:
+    pool = converter(await make_client(queue_size=0))
+    running = asyncio.create_task(pool.run(time.sleep, 0.5))
+    await until(lambda: pool.busy == 1)
+    with pytest.raises(QueueFull):
+        await pool.run(os.getpid)
+    assert pool.waiting == 0
+    await running
+
+
+async def test_idle_workers_are_handed_jobs_before_busy_ones(make_client: ClientFactory) -> None:
+    pool = converter(await make_client(workers=2))
+    pids = await asyncio.gather(*(pool.run(_pid_after, 0.3) for _ in range(2)))
+    assert sorted(pids) == sorted(pool.worker_pids())
+
+
+async def test_uploads_fail_at_once_when_no_worker_can_be_started(
+    make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(workers=2)
+    pids = converter(client).worker_pids()
+
+    def cannot_fork(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(converter_module, "ProcessPoolExecutor", cannot_fork)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    await until(lambda: not any(process_exists(pid) for pid in pids))
+
+    uploads = [client.post("/images", data=SMALL_PNG) for _ in range(6)]
+    async with asyncio.timeout(20):
+        responses = await asyncio.gather(*uploads)
+    for response in responses:
+        await assert_problem(response, 503, "worker-lost")
+    assert_nothing_stored(storage)
 
 
 async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
