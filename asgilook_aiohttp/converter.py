@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -79,6 +80,10 @@ class _Lane:
         self._executor: ProcessPoolExecutor | None = None
         self._starting = asyncio.Lock()
         self._last_job: asyncio.Future[Any] | None = None
+        # The executor's own future of each job handed over: it is done as soon as the
+        # result is back from the worker, a loop turn before the job is.
+        self._handed: dict[asyncio.Future[Any], concurrent.futures.Future[Any]] = {}
+        self._stopped = False
         self.pid: int | None = None
         self.killed = False
         # Each start is a new generation: news of a job from an earlier one is stale.
@@ -94,6 +99,8 @@ class _Lane:
     async def ensure_running(self) -> None:
         """Start the worker, or replace it if it has died or been killed."""
         async with self._starting:
+            if self._stopped:
+                raise BrokenProcessPool("the conversion workers have been stopped")
             if self._executor is None or not self.is_alive():
                 await self._stop()
                 await self._start()
@@ -122,19 +129,32 @@ class _Lane:
         """
         await self.ensure_running()
         assert self._executor is not None
-        job = asyncio.wrap_future(self._executor.submit(fn, *args))
+        handed = self._executor.submit(fn, *args)
+        job = asyncio.wrap_future(handed)
+        self._handed[job] = handed
+        job.add_done_callback(self._handed.pop)
         ahead = self._last_job if self._last_job and not self._last_job.done() else None
         self._last_job = job
         return job, ahead
 
-    def kill(self) -> None:
+    def kill_if_running(self, job: asyncio.Future[Any]) -> bool:
+        """Kill the worker if it is still running ``job``; False if the job is done.
+
+        Past that point the worker may have moved on to the job behind it.
+        """
+        handed = self._handed.get(job)
+        if handed is None or handed.done():
+            return False
         self.killed = True
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+        return True
 
     async def stop(self) -> None:
+        """Stop the worker for good, once its jobs are done."""
         async with self._starting:
+            self._stopped = True
             await self._stop()
 
     async def _stop(self) -> None:
@@ -179,7 +199,7 @@ class Converter:
         self._lanes = [_Lane(memory_limit_bytes) for _ in range(workers)]
         self._queue_size = queue_size
         self._timeout = timeout
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[_Lane]] = collections.deque()
         self._jobs_started = 0
         self._rebuilds: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -189,6 +209,8 @@ class Converter:
 
     async def close(self) -> None:
         self._closing = True
+        while self._waiters:
+            self._waiters.popleft().set_exception(WorkerLost("the server is stopping"))
         await asyncio.gather(*self._rebuilds, return_exceptions=True)
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
 
@@ -214,7 +236,7 @@ class Converter:
     async def is_working(self) -> bool:
         """At least one worker can take jobs; idle workers found dead are replaced first."""
         for lane in self._lanes:
-            if not lane.jobs and not lane.rebuilding:
+            if not lane.jobs and not lane.rebuilding and not self._closing:
                 try:
                     await lane.ensure_running()
                 except (OSError, BrokenProcessPool):
@@ -242,15 +264,15 @@ class Converter:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         # A job that never reached a live worker, or waited behind one whose worker died,
-        # never started: it is handed out once more.
+        # never started: it is handed out once more, ahead of the line.
         for attempt in range(2):
-            lane = await self._take_lane()
+            lane = await self._take_lane(retry=attempt > 0)
             try:
                 job, ahead = await lane.submit(fn, *args)
             except BaseException as error:
                 broken = isinstance(error, BrokenProcessPool)
                 self._lane_released(lane, lane.generation, broken=broken)
-                if isinstance(error, BrokenProcessPool) and attempt == 0:
+                if broken and attempt == 0 and not self._closing:
                     continue
                 if isinstance(error, (OSError, BrokenProcessPool)):
                     _log.exception("could not start a conversion worker")
@@ -259,17 +281,19 @@ class Converter:
             self._jobs_started += 1
             job.add_done_callback(functools.partial(self._job_done, lane, lane.generation))
             if ahead is not None:
-                finished, _ = await asyncio.wait({ahead}, timeout=self._timeout)
-                if not finished:  # it started before this job was handed over: overrun
-                    lane.kill()
-            finished, _ = await asyncio.wait({job}, timeout=self._timeout)
-            if not finished:
-                lane.kill()
+                # Its own time limit stops it first; this is only the backstop.
+                done, _ = await asyncio.wait({ahead}, timeout=self._timeout + _REAP_SECONDS)
+                if not done:
+                    lane.kill_if_running(ahead)
+            done, _ = await asyncio.wait({job}, timeout=self._timeout)
+            if not done and lane.kill_if_running(job):
                 # Jobs write files: the caller may clean up only once the worker is gone.
                 await asyncio.wait({job}, timeout=_REAP_SECONDS)
                 raise ConversionTimedOut(
                     f"the conversion took longer than {self._timeout:g} s and was stopped"
                 )
+            if not done:  # done in the worker just now: its result is on its way
+                await asyncio.wait({job})
             try:
                 return job.result()
             except BrokenProcessPool:
@@ -278,46 +302,43 @@ class Converter:
                 raise WorkerLost("the worker converting this image stopped unexpectedly") from None
         raise AssertionError("unreachable")
 
-    async def _take_lane(self) -> _Lane:
+    async def _take_lane(self, *, retry: bool) -> _Lane:
         """The least busy worker that can take a job, waiting in line for one if need be."""
+        if self._closing:
+            raise WorkerLost("the server is stopping")
         lane = None if self._waiters else self._least_busy()
-        if (lane is None or lane.jobs) and self.waiting >= self._queue_size:
+        if not retry and (lane is None or lane.jobs) and self.waiting >= self._queue_size:
             raise QueueFull(
                 f"all {len(self._lanes)} conversion workers are busy and "
                 f"{self.waiting} uploads are waiting; try again shortly"
             )
-        if lane is None:
-            return await self._wait_for_lane()
-        lane.jobs += 1
-        return lane
-
-    async def _wait_for_lane(self) -> _Lane:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if lane is not None:
+            lane.jobs += 1
+            return lane
+        waiter: asyncio.Future[_Lane] = asyncio.get_running_loop().create_future()
+        if retry:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
-            while True:
-                await waiter
-                if (lane := self._least_busy()) is not None:
-                    lane.jobs += 1
-                    return lane
-                # Woken, but another job got there first: wait again at the front.
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.appendleft(waiter)
-        finally:
-            self._waiters.remove(waiter)
-            self._wake_next()  # should this one have been woken in vain
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                self._waiters.remove(waiter)
+            elif waiter.exception() is None:  # handed a lane it will not use now
+                lane = waiter.result()
+                self._lane_released(lane, lane.generation, broken=False)
+            raise
 
     def _least_busy(self) -> _Lane | None:
         accepting = [lane for lane in self._lanes if lane.accepting]
         return min(accepting, key=lambda lane: lane.jobs, default=None)
 
-    def _wake_next(self) -> None:
-        if self._least_busy() is None:
-            return
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _hand_out_lanes(self) -> None:
+        """Give lanes with room to the jobs first in line."""
+        while self._waiters and (lane := self._least_busy()) is not None:
+            lane.jobs += 1
+            self._waiters.popleft().set_result(lane)
 
     def _job_done(self, lane: _Lane, generation: int, job: asyncio.Future[Any]) -> None:
         self._lane_released(lane, generation, broken=_died_running(job))
@@ -332,7 +353,7 @@ class Converter:
             self._rebuilds.add(rebuild)
             rebuild.add_done_callback(self._rebuilds.discard)
         else:
-            self._wake_next()
+            self._hand_out_lanes()
 
     async def _rebuild(self, lane: _Lane) -> None:
         try:
@@ -342,7 +363,7 @@ class Converter:
             _log.exception("could not restart a conversion worker")
         finally:
             lane.rebuilding = False
-            self._wake_next()
+            self._hand_out_lanes()
 
 
 def _died_running(job: asyncio.Future[Any]) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from asgilook_aiohttp import converter as converter_module
-from asgilook_aiohttp.converter import ConversionTimedOut, Converter, QueueFull
+from asgilook_aiohttp.converter import ConversionTimedOut, Converter, QueueFull, WorkerLost
 from asgilook_aiohttp.keys import STORE
 
 import samples
@@ -99,26 +99,28 @@ async def test_other_workers_keep_their_jobs_when_one_dies(
     assert statuses == [201, 503]
 
 
-async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_by_another(
-    client: Client, storage: Path, slow_png: bytes
+async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_all_the_same(
+    client: Client, storage: Path
 ) -> None:
-    first = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
-    await wait_until_busy(client)
-    started = converter(client).jobs_started
+    pool = converter(client)
+    stuck = asyncio.create_task(pool.run(time.sleep, 30))
+    await until(lambda: pool.busy == 1)
     behind = asyncio.create_task(client.post("/images", data=SMALL_PNG))
-    await until(lambda: converter(client).jobs_started == started + 1)
-    assert converter(client).waiting == 1  # handed to the busy worker, behind the first
-    (victim,) = converter(client).worker_pids()
+    await until(lambda: pool.waiting == 1)  # handed to the busy worker, behind the job
+    (victim,) = pool.worker_pids()
     os.kill(victim, signal.SIGKILL)
 
-    await assert_problem(await first, 503, "worker-lost")
+    with pytest.raises(WorkerLost):
+        await stuck
     response = await behind
     assert response.status == 201
     stored = await response.json()
     assert (await client.get(stored["image"])).status == 200
     listed = await (await client.get("/images")).json()
     assert [image["id"] for image in listed] == [stored["id"]]
-    assert converter(client).worker_pids() != [victim]
+    (replacement,) = pool.worker_pids()
+    assert replacement != victim
+    assert (pool.waiting, pool.busy) == (0, 0)
 
 
 async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
@@ -142,10 +144,11 @@ async def test_time_limit_of_a_job_handed_ahead_runs_from_its_own_start(
     make_client: ClientFactory,
 ) -> None:
     pool = converter(await make_client(conversion_timeout=1.2))
-    began = time.monotonic()
+    (worker,) = pool.worker_pids()
     # One worker: the second job waits for the first, 1.4 s in all, each within 1.2 s.
-    await asyncio.gather(pool.run(time.sleep, 0.7), pool.run(time.sleep, 0.7))
-    assert time.monotonic() - began >= 1.4
+    first, second = await asyncio.gather(pool.run(_pid_after, 0.7), pool.run(_pid_after, 0.7))
+    assert first == second == worker
+    assert pool.worker_pids() == [worker]
 
 
 async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
@@ -156,8 +159,19 @@ async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
     await until(lambda: pool.busy == 1)
     with pytest.raises(QueueFull):
         await pool.run(os.getpid)
-    assert pool.waiting == 0
     await running
+
+
+async def test_a_line_of_jobs_drains_and_leaves_the_workers_free(
+    make_client: ClientFactory,
+) -> None:
+    pool = converter(await make_client(workers=2))
+    # Equal jobs on two workers finish together, freeing both in one turn of the loop.
+    for _ in range(3):
+        await asyncio.gather(*(pool.run(time.sleep, 0.05) for _ in range(12)))
+    assert (pool.waiting, pool.busy) == (0, 0)
+    async with asyncio.timeout(10):
+        assert await pool.run(os.getpid) in pool.worker_pids()
 
 
 async def test_idle_workers_are_handed_jobs_before_busy_ones(make_client: ClientFactory) -> None:
