@@ -161,6 +161,7 @@ class _Lane:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        self.pid = None
         self.killed = False  # whatever was killed is gone now
 
     def is_alive(self) -> bool:
@@ -210,7 +211,8 @@ class Converter:
     async def close(self) -> None:
         self._closing = True
         while self._waiters:
-            self._waiters.popleft().set_exception(WorkerLost("the server is stopping"))
+            if not (waiter := self._waiters.popleft()).done():
+                waiter.set_exception(WorkerLost("the server is stopping"))
         await asyncio.gather(*self._rebuilds, return_exceptions=True)
         await asyncio.gather(*(lane.stop() for lane in self._lanes))
 
@@ -274,6 +276,8 @@ class Converter:
                 self._lane_released(lane, lane.generation, broken=broken)
                 if broken and attempt == 0 and not self._closing:
                     continue
+                if self._closing:
+                    raise WorkerLost("the server is stopping") from None
                 if isinstance(error, (OSError, BrokenProcessPool)):
                     _log.exception("could not start a conversion worker")
                     raise WorkerLost("no conversion worker could be started") from None
@@ -324,7 +328,8 @@ class Converter:
             return await waiter
         except asyncio.CancelledError:
             if waiter.cancelled():
-                self._waiters.remove(waiter)
+                with contextlib.suppress(ValueError):  # unless already passed over
+                    self._waiters.remove(waiter)
             elif waiter.exception() is None:  # handed a lane it will not use now
                 lane = waiter.result()
                 self._lane_released(lane, lane.generation, broken=False)
@@ -337,8 +342,11 @@ class Converter:
     def _hand_out_lanes(self) -> None:
         """Give lanes with room to the jobs first in line."""
         while self._waiters and (lane := self._least_busy()) is not None:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # cancelled, and its task not yet resumed to leave the line
+                continue
             lane.jobs += 1
-            self._waiters.popleft().set_result(lane)
+            waiter.set_result(lane)
 
     def _job_done(self, lane: _Lane, generation: int, job: asyncio.Future[Any]) -> None:
         self._lane_released(lane, generation, broken=_died_running(job))

@@ -174,6 +174,22 @@ async def test_a_line_of_jobs_drains_and_leaves_the_workers_free(
         assert await pool.run(os.getpid) in pool.worker_pids()
 
 
+async def test_a_job_cancelled_while_waiting_in_line_leaves_it(make_client: ClientFactory) -> None:
+    pool = converter(await make_client())
+    running = asyncio.create_task(pool.run(time.sleep, 0.3))
+    await until(lambda: pool.busy == 1)
+    behind = asyncio.create_task(pool.run(os.getpid))
+    in_line = asyncio.create_task(pool.run(os.getpid))
+    await until(lambda: pool.waiting == 2)
+    in_line.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await in_line
+    assert pool.waiting == 1
+    await asyncio.gather(running, behind)
+    assert (pool.waiting, pool.busy) == (0, 0)
+    assert await pool.run(os.getpid) in pool.worker_pids()
+
+
 async def test_idle_workers_are_handed_jobs_before_busy_ones(make_client: ClientFactory) -> None:
     pool = converter(await make_client(workers=2))
     pids = await asyncio.gather(*(pool.run(_pid_after, 0.3) for _ in range(2)))
