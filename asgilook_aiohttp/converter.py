@@ -79,9 +79,8 @@ class _Lane:
         self._memory_limit_bytes = memory_limit_bytes
         self._executor: ProcessPoolExecutor | None = None
         self._starting = asyncio.Lock()
-        self._last_job: asyncio.Future[Any] | None = None
-        # The executor's own future of each job handed over: it is done as soon as the
-        # result is back from the worker, a loop turn before the job is.
+        # The executor's own future of each job handed over and not yet done: it is done as
+        # soon as the result is back from the worker, a loop turn before the job is.
         self._handed: dict[asyncio.Future[Any], concurrent.futures.Future[Any]] = {}
         self._stopped = False
         self.pid: int | None = None
@@ -113,7 +112,6 @@ class _Lane:
             initargs=(self._memory_limit_bytes, os.getpid()),
         )
         self.generation += 1
-        self._last_job = None
         self.killed = False
         loop = asyncio.get_running_loop()
         # Starting the process now, not at the first upload, also tells us its pid.
@@ -129,12 +127,11 @@ class _Lane:
         """
         await self.ensure_running()
         assert self._executor is not None
+        ahead = next((job for job in self._handed if not job.done()), None)
         handed = self._executor.submit(fn, *args)
         job = asyncio.wrap_future(handed)
         self._handed[job] = handed
         job.add_done_callback(self._handed.pop)
-        ahead = self._last_job if self._last_job and not self._last_job.done() else None
-        self._last_job = job
         return job, ahead
 
     def kill_if_running(self, job: asyncio.Future[Any]) -> bool:
@@ -265,46 +262,52 @@ class Converter:
                 self._observe(fn.__name__, outcome, time.perf_counter() - started)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        # A job that never reached a live worker, or waited behind one whose worker died,
-        # never started: it is handed out once more, ahead of the line.
-        for attempt in range(2):
-            lane = await self._take_lane(retry=attempt > 0)
-            try:
-                job, ahead = await lane.submit(fn, *args)
-            except BaseException as error:
-                broken = isinstance(error, BrokenProcessPool)
-                self._lane_released(lane, lane.generation, broken=broken)
-                if broken and attempt == 0 and not self._closing:
-                    continue
-                if self._closing:
-                    raise WorkerLost("the server is stopping") from None
-                if isinstance(error, (OSError, BrokenProcessPool)):
-                    _log.exception("could not start a conversion worker")
-                    raise WorkerLost("no conversion worker could be started") from None
+        try:
+            return await self._run_once(fn, args, retry=False)
+        except _NeverStarted:
+            pass  # it never reached a live worker, or waited behind one whose worker died
+        try:
+            return await self._run_once(fn, args, retry=True)  # once more, ahead of the line
+        except _NeverStarted as never:
+            raise never.lost from None
+
+    async def _run_once(self, fn: Callable[..., T], args: tuple[Any, ...], *, retry: bool) -> T:
+        lane = await self._take_lane(retry=retry)
+        try:
+            job, ahead = await lane.submit(fn, *args)
+        except BaseException as error:
+            broken = isinstance(error, BrokenProcessPool)
+            self._lane_released(lane, lane.generation, broken=broken)
+            if self._closing:
+                raise WorkerLost("the server is stopping") from None
+            if not isinstance(error, (OSError, BrokenProcessPool)):
                 raise
-            self._jobs_started += 1
-            job.add_done_callback(functools.partial(self._job_done, lane, lane.generation))
-            if ahead is not None:
-                # Its own time limit stops it first; this is only the backstop.
-                done, _ = await asyncio.wait({ahead}, timeout=self._timeout + _REAP_SECONDS)
-                if not done:
-                    lane.kill_if_running(ahead)
-            done, _ = await asyncio.wait({job}, timeout=self._timeout)
-            if not done and lane.kill_if_running(job):
-                # Jobs write files: the caller may clean up only once the worker is gone.
-                await asyncio.wait({job}, timeout=_REAP_SECONDS)
-                raise ConversionTimedOut(
-                    f"the conversion took longer than {self._timeout:g} s and was stopped"
-                )
-            if not done:  # done in the worker just now: its result is on its way
-                await asyncio.wait({job})
-            try:
-                return job.result()
-            except BrokenProcessPool:
-                if attempt == 0 and ahead is not None and _died_running(ahead):
-                    continue
-                raise WorkerLost("the worker converting this image stopped unexpectedly") from None
-        raise AssertionError("unreachable")
+            _log.exception("could not start a conversion worker")
+            lost = WorkerLost("no conversion worker could be started")
+            raise _NeverStarted(lost) if broken else lost from None
+        self._jobs_started += 1
+        job.add_done_callback(functools.partial(self._job_done, lane, lane.generation))
+        if ahead is not None:
+            # Its own time limit stops it first; this is only the backstop.
+            done, _ = await asyncio.wait({ahead}, timeout=self._timeout + _REAP_SECONDS)
+            if not done:
+                lane.kill_if_running(ahead)
+        done, _ = await asyncio.wait({job}, timeout=self._timeout)
+        if not done and lane.kill_if_running(job):
+            # Jobs write files: the caller may clean up only once the worker is gone.
+            await asyncio.wait({job}, timeout=_REAP_SECONDS)
+            raise ConversionTimedOut(
+                f"the conversion took longer than {self._timeout:g} s and was stopped"
+            )
+        if not done:  # done in the worker just now: its result is on its way
+            await asyncio.wait({job})
+        try:
+            return job.result()
+        except BrokenProcessPool:
+            lost = WorkerLost("the worker converting this image stopped unexpectedly")
+            if ahead is not None and _died_running(ahead):
+                raise _NeverStarted(lost) from None
+            raise lost from None
 
     async def _take_lane(self, *, retry: bool) -> _Lane:
         """The least busy worker that can take a job, waiting in line for one if need be."""
@@ -372,6 +375,14 @@ class Converter:
         finally:
             lane.rebuilding = False
             self._hand_out_lanes()
+
+
+class _NeverStarted(Exception):
+    """The job never ran, so it may be handed out again; ``lost`` is the answer if not."""
+
+    def __init__(self, lost: WorkerLost) -> None:
+        super().__init__(str(lost))
+        self.lost = lost
 
 
 def _died_running(job: asyncio.Future[Any]) -> bool:
