@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import signal
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from asgilook_aiohttp import converter
+from asgilook_aiohttp.keys import STORE
 from asgilook_aiohttp.store import INDEX_FILE
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
+
+
+async def lose_every_worker(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the app's workers and let no new one start, as when the host cannot fork."""
+
+    def cannot_fork(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(converter, "ProcessPoolExecutor", cannot_fork)
+    pids = client.app[STORE].converter.worker_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    await until(lambda: not any(process_exists(pid) for pid in pids))
 
 
 def stored_files(storage: Path) -> list[str]:

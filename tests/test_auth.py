@@ -58,11 +58,15 @@ async def test_delete_with_the_images_own_token(
     response = await client.delete(url)
     await assert_problem(response, 401, "unauthorized")
     assert "Bearer" in response.headers["WWW-Authenticate"]
-    await assert_problem(await client.delete(url, headers=bearer("wrong")), 403, "forbidden")
+    existing = await client.delete(url, headers=bearer("wrong"))
+    refusal = await assert_problem(existing, 403, "forbidden")
     # Another image's token is just as wrong; and it says nothing of existence.
     await assert_problem(await client.delete(url, headers=bearer(other["delete_token"])), 403)
     missing = f"/images/{uuid.uuid4()}"
-    await assert_problem(await client.delete(missing, headers=bearer("wrong")), 403)
+    absent = await client.delete(missing, headers=bearer("wrong"))
+    assert await assert_problem(absent, 403) == refusal
+    assert "WWW-Authenticate" not in existing.headers
+    assert "WWW-Authenticate" not in absent.headers
     await assert_problem(await client.delete(missing, headers=bearer(image["delete_token"])), 403)
     assert (await client.get(url)).status == 200
 

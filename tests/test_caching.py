@@ -76,9 +76,11 @@ async def test_if_none_match_gives_304_with_the_headers(
 
 async def test_if_modified_since(client: Client, image: dict[str, Any], url: str) -> None:
     modified = parsedate_to_datetime(image["modified"]).timestamp()
+    etag = (await client.get(url)).headers["ETag"]
     response, _ = await fetch(client, url, **{"If-Modified-Since": image["modified"]})
     assert response.status == 304
     assert response.headers["Cache-Control"] == IMMUTABLE
+    assert response.headers["ETag"] == etag
     earlier = formatdate(modified - 1, usegmt=True)
     response, _ = await fetch(client, url, **{"If-Modified-Since": earlier})
     assert response.status == 200

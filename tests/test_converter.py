@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import io
 import os
 import signal
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from asgilook_aiohttp import converter as converter_module
 from asgilook_aiohttp.converter import ConversionTimedOut, Converter, QueueFull, WorkerLost
 from asgilook_aiohttp.keys import STORE
 
@@ -23,6 +21,7 @@ from checks import (
     ClientFactory,
     assert_nothing_stored,
     assert_problem,
+    lose_every_worker,
     process_exists,
     until,
 )
@@ -200,15 +199,7 @@ async def test_uploads_fail_at_once_when_no_worker_can_be_started(
     make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await make_client(workers=2)
-    pids = converter(client).worker_pids()
-
-    def cannot_fork(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-
-    monkeypatch.setattr(converter_module, "ProcessPoolExecutor", cannot_fork)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    await until(lambda: not any(process_exists(pid) for pid in pids))
+    await lose_every_worker(client, monkeypatch)
 
     uploads = [client.post("/images", data=SMALL_PNG) for _ in range(6)]
     async with asyncio.timeout(20):

@@ -7,10 +7,12 @@ import shutil
 import signal
 from pathlib import Path
 
+import pytest
+
 from asgilook_aiohttp.keys import STORE
 
 import samples
-from checks import Client, assert_problem, process_exists, until
+from checks import Client, assert_problem, lose_every_worker, process_exists, until
 
 
 async def test_alive(client: Client) -> None:
@@ -37,6 +39,15 @@ async def test_not_ready_while_storage_cannot_be_written(client: Client, storage
     staging.unlink()
     staging.mkdir()
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_not_ready_while_no_worker_can_run(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await lose_every_worker(client, monkeypatch)
+    body = await assert_problem(await client.get("/readyz"), 503, "not-ready")
+    assert "no conversion worker" in body["detail"]
+    assert (await client.get("/healthz")).status == 200
 
 
 async def test_an_idle_worker_that_died_is_replaced_and_ready(client: Client) -> None:

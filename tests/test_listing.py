@@ -86,10 +86,10 @@ async def test_after_the_last_image_is_an_empty_page(client: Client) -> None:
 
 
 async def test_default_limit_is_100_and_max_1000(client: Client) -> None:
-    await upload_many(client, 101)
+    images = await upload_many(client, 101)
     response = await client.get("/images")
     assert len(await response.json()) == 100
-    assert next_link(response.headers) is not None
+    assert next_link(response.headers) == f"/images?limit=100&after={images[99]['id']}"
     response = await client.get("/images?limit=1000")
     assert len(await response.json()) == 101
     assert "Link" not in response.headers

@@ -56,21 +56,22 @@ async def test_the_console_script_serves_like_run_py(
     assert await server.exit_code() == 0
 
 
-async def test_sigterm_lets_an_upload_in_flight_finish(
-    tmp_path: Path, session: aiohttp.ClientSession
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stop_signal_lets_an_upload_in_flight_finish(
+    tmp_path: Path, session: aiohttp.ClientSession, signum: signal.Signals
 ) -> None:
     storage = tmp_path / "storage"
     server = await start_server(storage)
     data = samples.encode(samples.photo((800, 600)), "PNG")
 
-    async def body_interrupted_by_sigterm() -> AsyncIterator[bytes]:
+    async def body_interrupted_by_the_signal() -> AsyncIterator[bytes]:
         yield data[:1000]
         await asyncio.sleep(0.2)
-        server.signal(signal.SIGTERM)
+        server.signal(signum)
         await asyncio.sleep(0.2)
         yield data[1000:]
 
-    async with session.post(f"{server.url}/images", data=body_interrupted_by_sigterm()) as reply:
+    async with session.post(f"{server.url}/images", data=body_interrupted_by_the_signal()) as reply:
         assert reply.status == 201
         image = image_object(await reply.json())
     assert await server.exit_code() == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import time
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,12 +26,14 @@ async def upload_and_fetch(
     client: Client, data: bytes | aiohttp.FormData, **kwargs: Any
 ) -> tuple[dict[str, Any], Image.Image]:
     """Upload, check the 201 and the download, and return the image object and the JPEG."""
+    sent = time.time()
     response = await client.post("/images", data=data, **kwargs)
     assert response.status == 201, await response.text()
     image = await response.json()
     assert re.fullmatch(UUID, image["id"])
     assert response.headers["Location"] == f"/images/{image['id']}.jpeg" == image["image"]
-    parsedate_to_datetime(image["modified"])
+    # The upload time, to the second.
+    assert sent - 1 < parsedate_to_datetime(image["modified"]).timestamp() <= time.time()
     assert image["modified"].endswith(" GMT")
 
     download = await client.get(image["image"])
@@ -106,14 +109,25 @@ async def test_palette_transparency_becomes_white(client: Client) -> None:
 async def test_exif_rotation_is_applied_and_metadata_removed(client: Client, storage: Path) -> None:
     # Orientation 6: the camera was turned a quarter clockwise; viewers rotate to show it.
     original = samples.two_tone((64, 48))
-    data = samples.encode(original, "JPEG", quality=95, exif=samples.exif_with_gps(6))
+    data = samples.encode(
+        original,
+        "JPEG",
+        quality=95,
+        exif=samples.exif_with_gps(6),
+        comment=b"taken at home",
+        xmp=b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret place</x:xmpmeta>",
+    )
     image, stored = await upload_and_fetch(client, data)
     assert image["size"] == [48, 64]
     assert near(stored.getpixel((24, 8)), samples.RED, tolerance=24)
     assert near(stored.getpixel((24, 56)), samples.BLUE, tolerance=24)
     assert dict(stored.getexif()) == {}
+    assert "comment" not in stored.info
+    assert "xmp" not in stored.info
     on_disk = (storage / stored_files(storage)[0]).read_bytes()
     assert b"Exif" not in on_disk
+    assert b"home" not in on_disk
+    assert b"secret" not in on_disk
 
 
 async def test_icc_profile_is_kept_when_reencoding(client: Client) -> None:
