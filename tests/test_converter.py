@@ -35,6 +35,12 @@ def slow_png() -> bytes:
     return samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
 
 
+def _wait_for(path: str) -> None:
+    """Keep the worker busy until the test creates ``path``."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
 def _pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
@@ -125,7 +131,7 @@ async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_all_the_sa
 async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
     make_client: ClientFactory,
 ) -> None:
-    pool = converter(await make_client(conversion_timeout=0.5))
+    pool = converter(await make_client(conversion_timeout=2))
     (stuck_worker,) = pool.worker_pids()
     stuck = asyncio.create_task(pool.run(time.sleep, 30))
     await until(lambda: pool.busy == 1)
@@ -142,22 +148,24 @@ async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
 async def test_time_limit_of_a_job_handed_ahead_runs_from_its_own_start(
     make_client: ClientFactory,
 ) -> None:
-    pool = converter(await make_client(conversion_timeout=1.2))
+    pool = converter(await make_client(conversion_timeout=1.8))
     (worker,) = pool.worker_pids()
-    # One worker: the second job waits for the first, 1.4 s in all, each within 1.2 s.
-    first, second = await asyncio.gather(pool.run(_pid_after, 0.7), pool.run(_pid_after, 0.7))
+    # One worker: the second job waits for the first, 2 s in all, each within 1.8 s.
+    first, second = await asyncio.gather(pool.run(_pid_after, 1), pool.run(_pid_after, 1))
     assert first == second == worker
     assert pool.worker_pids() == [worker]
 
 
 async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
-    make_client: ClientFactory,
+    make_client: ClientFactory, tmp_path: Path
 ) -> None:
     pool = converter(await make_client(queue_size=0))
-    running = asyncio.create_task(pool.run(time.sleep, 0.5))
+    gate = tmp_path / "gate"
+    running = asyncio.create_task(pool.run(_wait_for, str(gate)))
     await until(lambda: pool.busy == 1)
     with pytest.raises(QueueFull):
         await pool.run(os.getpid)
+    gate.touch()
     await running
 
 
@@ -165,17 +173,20 @@ async def test_a_line_of_jobs_drains_and_leaves_the_workers_free(
     make_client: ClientFactory,
 ) -> None:
     pool = converter(await make_client(workers=2))
-    # Equal jobs on two workers finish together, freeing both in one turn of the loop.
-    for _ in range(3):
-        await asyncio.gather(*(pool.run(time.sleep, 0.05) for _ in range(12)))
-    assert (pool.waiting, pool.busy) == (0, 0)
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(30):  # a job left in line would wait for ever
+        # Equal jobs on two workers finish together, freeing both in one turn of the loop.
+        for _ in range(3):
+            await asyncio.gather(*(pool.run(time.sleep, 0.05) for _ in range(12)))
+        assert (pool.waiting, pool.busy) == (0, 0)
         assert await pool.run(os.getpid) in pool.worker_pids()
 
 
-async def test_a_job_cancelled_while_waiting_in_line_leaves_it(make_client: ClientFactory) -> None:
+async def test_a_job_cancelled_while_waiting_in_line_leaves_it(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
     pool = converter(await make_client())
-    running = asyncio.create_task(pool.run(time.sleep, 0.3))
+    gate = tmp_path / "gate"
+    running = asyncio.create_task(pool.run(_wait_for, str(gate)))
     await until(lambda: pool.busy == 1)
     behind = asyncio.create_task(pool.run(os.getpid))
     in_line = asyncio.create_task(pool.run(os.getpid))
@@ -184,6 +195,7 @@ async def test_a_job_cancelled_while_waiting_in_line_leaves_it(make_client: Clie
     with pytest.raises(asyncio.CancelledError):
         await in_line
     assert pool.waiting == 1
+    gate.touch()
     await asyncio.gather(running, behind)
     assert (pool.waiting, pool.busy) == (0, 0)
     assert await pool.run(os.getpid) in pool.worker_pids()

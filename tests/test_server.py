@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 import samples
-from checks import image_object
+from checks import image_object, until
 from serving import ROOT, Server, processes_in_group, running, start_server
 
 
@@ -117,8 +117,7 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
     server.signal(signal.SIGKILL)  # mid-conversion: about half a second of work left
     with pytest.raises(aiohttp.ClientError):
         await upload
-    await asyncio.sleep(2)
-    assert processes_in_group(server.process.pid) == []
+    await until(lambda: processes_in_group(server.process.pid) == [])
     assert [path for path in (storage / "images").rglob("*") if path.is_file()] == []
 
 

@@ -43,16 +43,23 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _noise_jpeg() -> bytes:
-    """About 5 MiB that is kept as it is: its stored copy does not fit the disk either."""
+    """About 5 MiB: the body alone does not fit the disk."""
     noise = Image.frombytes("RGB", (3000, 2000), random.Random(1).randbytes(3000 * 2000 * 3))
     return samples.encode(noise, "JPEG", quality=90)
+
+
+def _stripes_png() -> bytes:
+    """About 80 kB that fits, whose JPEG (about 6 MiB of vertical noise) does not."""
+    row = Image.frombytes("RGB", (5000, 1), random.Random(1).randbytes(5000 * 3))
+    return samples.encode(row.resize((5000, 4000), Image.Resampling.NEAREST), "PNG")
 
 
 @pytest.mark.parametrize(
     ("upload_memory_mb", "make_body"),
     [
         pytest.param(0, lambda: os.urandom(6 * 1024 * 1024), id="body-spooled-to-disk"),
-        pytest.param(128, _noise_jpeg, id="body-in-memory-converted-image-too-big"),
+        pytest.param(128, _noise_jpeg, id="body-in-memory-written-at-once"),
+        pytest.param(128, _stripes_png, id="converted-image-too-big"),
     ],
 )
 async def test_upload_to_a_full_disk_is_507_and_leaves_nothing(

@@ -18,6 +18,7 @@ from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.imaging import Converted
 from asgilook_aiohttp.index import ImageRecord, Index
 from asgilook_aiohttp.keys import STORE
+from asgilook_aiohttp.store import INDEX_FILE
 from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL, Thumbnails
 
 import samples
@@ -134,6 +135,16 @@ async def test_thumbnails_keep_the_icc_profile(client: Client) -> None:
     assert thumbnail.info.get("icc_profile") == profile
 
 
+def assert_thumbnail_rows_name_the_files(storage: Path) -> None:
+    """Each thumbnail row names a file of its size, and each thumbnail file has a row."""
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        rows = db.execute("SELECT image_id, width, height, bytes FROM thumbnails").fetchall()
+    on_disk = {
+        f"{path.parent.name}/{path.name}": path.stat().st_size for path in thumbnail_files(storage)
+    }
+    assert {f"{image_id}/{w}x{h}.jpeg": size for image_id, w, h, size in rows} == on_disk
+
+
 async def test_kept_thumbnails_stay_within_the_budget(
     make_client: ClientFactory, storage: Path
 ) -> None:
@@ -147,13 +158,7 @@ async def test_kept_thumbnails_stay_within_the_budget(
         bodies.append(await response.read())
         assert sum(path.stat().st_size for path in thumbnail_files(storage)) <= budget
     assert sum(len(body) for body in bodies) > budget, "the test must overflow the budget"
-    with sqlite3.connect(storage / "index.sqlite3") as db:
-        rows = db.execute("SELECT image_id, width, height, bytes FROM thumbnails").fetchall()
-    kept_files = thumbnail_files(storage)
-    assert sorted(f"{i}/{w}x{h}.jpeg" for i, w, h, _ in rows) == sorted(
-        f"{path.parent.name}/{path.name}" for path in kept_files
-    )
-    assert sum(size for *_, size in rows) == sum(path.stat().st_size for path in kept_files)
+    assert_thumbnail_rows_name_the_files(storage)
     # The latest is kept; an evicted one is made again, identical.
     kept = [path.read_bytes() for path in thumbnail_files(storage)]
     assert bodies[-1] in kept
@@ -190,15 +195,12 @@ async def test_concurrent_thumbnails_over_the_budget_stay_consistent(
     images = [await upload_photo(client, seed) for seed in range(8)]
     responses = await asyncio.gather(*(client.get(image["thumbnails"][0]) for image in images))
     assert [response.status for response in responses] == [200] * len(images)
-    with sqlite3.connect(storage / "index.sqlite3") as db:
-        rows = db.execute("SELECT image_id, width, height, bytes FROM thumbnails").fetchall()
-    kept_files = thumbnail_files(storage)
+    bodies = [await response.read() for response in responses]
+    assert sum(map(len, bodies)) > 1024 * 1024, "the test must overflow the budget"
     # Every kept file is in the index and the other way round, within the budget.
-    assert sorted(f"{i}/{w}x{h}.jpeg" for i, w, h, _ in rows) == sorted(
-        f"{path.parent.name}/{path.name}" for path in kept_files
-    )
-    largest = max([len(await response.read()) for response in responses])
-    assert sum(path.stat().st_size for path in kept_files) <= 1024 * 1024 + largest
+    assert_thumbnail_rows_name_the_files(storage)
+    kept_bytes = sum(path.stat().st_size for path in thumbnail_files(storage))
+    assert kept_bytes <= 1024 * 1024 + max(map(len, bodies))
 
 
 class _SmallFileConverter:
@@ -216,7 +218,7 @@ async def test_eviction_amid_concurrent_makes_keeps_rows_and_files_together(
 ) -> None:
     blobs = Blobs(tmp_path)
     blobs.open()
-    index = Index(tmp_path / "index.sqlite3")
+    index = Index(tmp_path / INDEX_FILE)
     await index.open()
     store = Thumbnails(index, blobs, cast(Converter, _SmallFileConverter()), 1500, 90)
     await store.open()
@@ -229,7 +231,7 @@ async def test_eviction_amid_concurrent_makes_keeps_rows_and_files_together(
     for batch in range(0, 40, 4):
         await asyncio.gather(*(store.make(image, 32, 32) for image in images[batch : batch + 4]))
 
-    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+    with sqlite3.connect(tmp_path / INDEX_FILE) as db:
         rows = db.execute("SELECT image_id FROM thumbnails").fetchall()
     kept = thumbnail_files(tmp_path)
     assert sorted(path.parent.name for path in kept) == sorted(image_id for (image_id,) in rows)

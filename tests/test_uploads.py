@@ -7,7 +7,7 @@ import asyncio
 import io
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 from PIL import Image, ImageOps
+
+from asgilook_aiohttp.blobs import Blobs
 
 import samples
 from checks import Client, ClientFactory, scrape, stored_files, value
@@ -237,11 +239,22 @@ async def test_floating_point_grey_is_scaled(client: Client) -> None:
     assert near(stored.getpixel((128, 253)), (255, 255, 255), tolerance=8)
 
 
+def _recorded(method: Callable[..., Any], calls: list[str]) -> Callable[..., Any]:
+    def recording(*args: Any) -> Any:
+        calls.append(method.__name__)
+        return method(*args)
+
+    return recording
+
+
 async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
-    make_client: ClientFactory, storage: Path
+    make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upload = samples.encode(samples.photo((1200, 900)), "PNG")
     assert len(upload) > 1024 * 1024
+    written: list[str] = []
+    for name in ("stage", "stage_at_once"):
+        monkeypatch.setattr(Blobs, name, _recorded(getattr(Blobs, name), written))
     stored = []
     # All in memory; in memory until the 1 MiB budget runs out, then chunk by chunk to disk;
     # all chunk by chunk.
@@ -254,6 +267,7 @@ async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
         assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
         await client.close()
     assert stored[0] == stored[1] == stored[2]
+    assert written == ["stage_at_once", "stage", "stage"]
     assert [path.split("/")[0] for path in stored_files(storage)] == ["images"] * 3
 
 
@@ -274,12 +288,13 @@ async def test_a_body_in_flight_is_held_in_memory_only_within_the_budget(
 
     posting = asyncio.create_task(client.post("/images", data=slow_body()))
     await half_sent.wait()
-    for _ in range(100):  # until the server has read what was sent
-        held = value(await scrape(client), "asgilook_upload_bytes_in_memory")
-        spooled = [path for path in stored_files(storage) if path.startswith("staging/")]
-        if held or spooled:
-            break
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):
+        while True:  # until the server has taken in all that was sent
+            held = value(await scrape(client), "asgilook_upload_bytes_in_memory")
+            spooled = [path for path in stored_files(storage) if path.startswith("staging/")]
+            if held + sum((storage / path).stat().st_size for path in spooled) == 50_000:
+                break
+            await asyncio.sleep(0.01)
     if memory_mb:
         assert held == 50_000
         assert spooled == []
