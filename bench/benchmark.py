@@ -77,14 +77,12 @@ def _convert_once(scratch: str) -> None:
 
 def in_process_limit(data: bytes, seconds: float, workers: int) -> float:
     """Images per second when ``workers`` processes do nothing but this conversion."""
-    _upload["data"] = data
     with (
         tempfile.TemporaryDirectory() as scratch,
         ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(data,)) as pool,
     ):
-        list(pool.map(_convert_once, [scratch] * workers))  # warm up
         start = time.perf_counter()
-        _convert_once(scratch)
+        list(pool.map(_convert_once, [scratch] * workers))  # warm up: one job each, at once
         jobs = max(4 * workers, int(seconds * workers / (time.perf_counter() - start)))
         start = time.perf_counter()
         list(pool.map(_convert_once, [scratch] * jobs))

@@ -28,14 +28,16 @@ class Server:
 
 async def start_server(storage: Path, *flags: str) -> Server:
     """``run.py`` on a free loopback port, with fresh or given storage; quiet."""
+    return await start_python(
+        str(ROOT / "run.py"), "--port", "0", "--storage", str(storage), *flags
+    )
+
+
+async def start_python(*arguments: str) -> Server:
+    """A Python program that prints the loopback address it serves on, once it does."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(ROOT / "run.py"),
-        "--port",
-        "0",
-        "--storage",
-        str(storage),
-        *flags,
+        *arguments,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import sys
 import time
 
 from aiohttp import web
 from benchmark import CPUS, in_process_limit, own_cpu, sample_images, uploader
-from common import tree_cpu
+from common import start_python, tree_cpu
 from loadgen import Pool
 
 from asgilook_aiohttp.config import default_workers
@@ -36,7 +34,7 @@ async def _accept(request: web.Request) -> web.Response:
 
 
 async def serve() -> None:
-    app = web.Application(client_max_size=64 * 2**20)
+    app = web.Application()
     app.router.add_post("/images", _accept)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -47,38 +45,28 @@ async def serve() -> None:
     await asyncio.Event().wait()
 
 
-async def start_bare_server() -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", stdout=asyncio.subprocess.PIPE
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 60)
-    match = re.search(rb"http://127\.0\.0\.1:\d+", line)
-    assert match, line
-    return process, match.group(0).decode()
-
-
 async def paced_uploads(pool: Pool, data: bytes, rate: float, stop: asyncio.Event) -> int:
     """Upload ``data`` ``rate`` times a second, at most 16 at once, until ``stop``."""
     upload = uploader(pool, data)
-    started, sent = time.perf_counter(), 0
+    started = time.perf_counter()
+    sent: list[asyncio.Future[None]] = []
     running: set[asyncio.Future[None]] = set()
     while not stop.is_set():
-        due = int((time.perf_counter() - started) * rate) + 1 - sent
+        due = int((time.perf_counter() - started) * rate) + 1 - len(sent)
         for _ in range(min(due, 16 - len(running))):
             task = asyncio.ensure_future(upload())
+            sent.append(task)
             running.add(task)
             task.add_done_callback(running.discard)
-            sent += 1
         # Waking in batches, not once an upload, keeps this loop's own CPU low.
         await asyncio.sleep(0.005)
-    await asyncio.gather(*running)
-    return sent
+    await asyncio.gather(*sent)  # any upload that failed fails the run
+    return len(sent)
 
 
 async def main(seconds: float, workers: int) -> None:
-    process, url = await start_bare_server()
-    pool = Pool(url)
+    server = await start_python(__file__, "--serve")
+    pool = Pool(server.url)
     print(f"{workers} workers' worth of limit on {CPUS} CPUs; uploads at 90% of the limit")
     print(
         f"{'upload':<11} {'server ms':>9} {'client ms':>9} {'limit/s':>8} "
@@ -88,23 +76,22 @@ async def main(seconds: float, workers: int) -> None:
         for name, data in sample_images().items():
             before = await asyncio.to_thread(in_process_limit, data, seconds, workers)
             stop = asyncio.Event()
-            server_before, client_before = tree_cpu(process.pid)[0], own_cpu()
+            server_before, client_before = tree_cpu(server.process.pid)[0], own_cpu()
             sending = asyncio.create_task(paced_uploads(pool, data, 0.9 * before, stop))
             loaded = await asyncio.to_thread(in_process_limit, data, seconds, workers)
             stop.set()
             count = await sending
-            server = (tree_cpu(process.pid)[0] - server_before) / count * 1e3
+            receiving = (tree_cpu(server.process.pid)[0] - server_before) / count * 1e3
             client = (own_cpu() - client_before) / count * 1e3
             after = await asyncio.to_thread(in_process_limit, data, seconds, workers)
             limit = (before + after) / 2
             print(
-                f"{name:<11} {server:9.2f} {client:9.2f} {limit:8.1f} "
+                f"{name:<11} {receiving:9.2f} {client:9.2f} {limit:8.1f} "
                 f"{loaded:9.1f} {loaded / limit:8.2f}"
             )
     finally:
         pool.close()
-        process.terminate()
-        await process.wait()
+        await server.stop()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class Connection:
             raise ValueError(f"a response without Content-Length: {status_line}")
         return status, await self._reader.readexactly(length)
 
+    @property
+    def closed_by_server(self) -> bool:
+        return self._reader.at_eof()
+
     def close(self) -> None:
         self._writer.close()
 
@@ -55,6 +59,8 @@ class Pool:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
+        while self._idle and self._idle[-1].closed_by_server:  # idle past keep-alive
+            self._idle.pop().close()
         if self._idle:
             connection = self._idle.pop()
         else:
