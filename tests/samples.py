@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import struct
@@ -46,6 +47,12 @@ def photo(size: tuple[int, int] = (4000, 3000), seed: int = 0) -> Image.Image:
     noise = random.Random(seed).randbytes(size[0] * size[1])
     grain = Image.blend(ramp, Image.frombytes("L", size, noise), 0.3)
     return Image.merge("RGB", (ramp, grain, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+
+@functools.cache
+def slow_png() -> bytes:
+    """A 12-megapixel PNG: about half a second of work for a worker."""
+    return encode(photo((4000, 3000)), "PNG", compress_level=1)
 
 
 def exif_with_gps(orientation: int) -> Image.Exif:

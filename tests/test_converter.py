@@ -31,8 +31,7 @@ SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 
 @pytest.fixture(scope="session")
 def slow_png() -> bytes:
-    """A 12-megapixel PNG: about half a second of work for a worker."""
-    return samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+    return samples.slow_png()
 
 
 def _wait_for(path: str) -> None:

@@ -104,7 +104,7 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
 ) -> None:
     storage = tmp_path / "storage"
     server = await start_server(storage, "--workers", "1")
-    slow = samples.encode(samples.photo((4000, 3000)), "PNG", compress_level=1)
+    slow = samples.slow_png()
     upload = asyncio.create_task(session.post(f"{server.url}/images", data=io.BytesIO(slow)))
 
     async def converting() -> bool:
