@@ -192,8 +192,8 @@ _SETTINGS = (
         "upload_memory_mb",
         "--upload-memory-mb",
         _whole_number(0),
-        "memory all upload bodies being received may take, in MiB; beyond it, bodies are "
-        "written to disk chunk by chunk (default 128)",
+        "memory, shared with the workers, that upload bodies wait in until converted, in "
+        "MiB; a body that does not fit goes to disk instead (default 128)",
     ),
     _Setting(
         "max_pixels",

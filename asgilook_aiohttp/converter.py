@@ -30,6 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from . import imaging
+from .arena import Arena
 
 T = TypeVar("T")
 
@@ -75,8 +76,9 @@ def _context() -> multiprocessing.context.ForkServerContext:
 class _Lane:
     """One worker process and the executor that feeds it."""
 
-    def __init__(self, memory_limit_bytes: int) -> None:
+    def __init__(self, memory_limit_bytes: int, arena: Arena | None) -> None:
         self._memory_limit_bytes = memory_limit_bytes
+        self._arena = arena
         self._executor: ProcessPoolExecutor | None = None
         self._starting = asyncio.Lock()
         # The executor's own future of each job handed over and not yet done: it is done as
@@ -109,7 +111,7 @@ class _Lane:
             max_workers=1,
             mp_context=_context(),
             initializer=imaging.init_worker,
-            initargs=(self._memory_limit_bytes, os.getpid()),
+            initargs=(self._memory_limit_bytes, os.getpid(), self._arena),
         )
         self.generation += 1
         self.killed = False
@@ -191,10 +193,12 @@ class Converter:
         queue_size: int,
         timeout: float,
         memory_limit_bytes: int,
+        *,
+        arena: Arena | None = None,
         observe: JobObserver | None = None,
     ) -> None:
         self._observe = observe
-        self._lanes = [_Lane(memory_limit_bytes) for _ in range(workers)]
+        self._lanes = [_Lane(memory_limit_bytes, arena) for _ in range(workers)]
         self._queue_size = queue_size
         self._timeout = timeout
         self._waiters: collections.deque[asyncio.Future[_Lane]] = collections.deque()

@@ -14,11 +14,13 @@ import resource
 import select
 import signal
 import threading
+from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image, ImageCms, UnidentifiedImageError
 from PIL import _imaging as pillow_core
 
+from .arena import Arena, InArena
 from .blobs import Placement, place_durably
 from .jpeg import strip_metadata
 
@@ -40,6 +42,12 @@ _KEPT_IMAGE_BLOCKS = 4
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _LARGEST_HEAP_ALLOCATION = 32 * 1024 * 1024
+
+
+class _Worker:
+    """What a worker process keeps from its start-up for its jobs."""
+
+    arena: Arena | None = None
 
 
 class ImageRejected(Exception):
@@ -69,11 +77,14 @@ class Converted(NamedTuple):
     sha256: str
 
 
-def init_worker(memory_limit_bytes: int, server_pid: int) -> None:
-    """Set up a worker process: make it die with the server, and cap its memory so one
-    hostile image can't exhaust the host."""
+def init_worker(memory_limit_bytes: int, server_pid: int, arena: Arena | None = None) -> None:
+    """Set up a worker process: make it die with the server, cap its memory so one
+    hostile image can't exhaust the host, and keep the arena that uploads arrive in."""
+    _Worker.arena = arena
     _die_with(server_pid)
-    resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    # The arena is mapped whole into the worker's address space, beside what it may use.
+    address_space = memory_limit_bytes + (arena.size_bytes if arena else 0)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     # The pixel limit is checked against the header, with a message that gives the size;
     # Pillow's own check, with its fixed limit, would get in first.
     Image.MAX_IMAGE_PIXELS = None
@@ -118,12 +129,17 @@ def _die_with(server_pid: int) -> None:
     threading.Thread(target=watch, name="watch-server", daemon=True).start()
 
 
-def convert_upload(upload: str, placement: Placement, max_pixels: int, quality: int) -> Converted:
-    """Turn the uploaded file at ``upload``, removed once read, into the JPEG stored at
-    ``placement``."""
-    with open(upload, "rb") as file:
-        data = file.read()
-    os.unlink(upload)
+def convert_upload(
+    upload: InArena | Path, placement: Placement, max_pixels: int, quality: int
+) -> Converted:
+    """Turn an upload, in the arena or in a file (removed once read), into the JPEG stored
+    at ``placement``."""
+    if isinstance(upload, InArena):
+        assert _Worker.arena is not None, "the worker was started without the arena"
+        data = _Worker.arena.read(upload)
+    else:
+        data = upload.read_bytes()
+        upload.unlink()
     return convert(data, placement, max_pixels, quality)
 
 

@@ -1,66 +1,94 @@
-"""Receiving upload bodies into staging files: held in memory while they arrive and
-written in one go, as long as a shared memory budget lasts; streamed to disk beyond it.
+"""Receiving upload bodies for their worker: into the shared arena as they arrive, as long
+as its pages last; past that, streamed to a staging file.
 
-Written at once, a body costs the event loop at most one thread hop, not one per chunk.
-The budget bounds what many slow uploads arriving together can hold; past it, bodies are
-written chunk by chunk as they come. Either way a worker gets a file to read: the page
-cache hands it over far more cheaply than the executor's pipe would carry the bytes.
+The arena bounds what bodies may hold in memory while they arrive and wait for a worker,
+however many come at once. A body that does not fit any more goes to disk as a whole,
+with what it already had in memory written first.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arena import Arena, InArena, pages_for
 from .blobs import Blobs
 
 
 @dataclass(frozen=True)
 class Staged:
-    """An upload received in full and waiting for conversion, in a staging file."""
+    """An upload received in full and waiting for conversion: in the arena, or in a
+    staging file."""
 
-    path: Path
+    body: InArena | Path
     size: int
 
 
 class Spool:
-    def __init__(self, blobs: Blobs, budget_bytes: int) -> None:
+    def __init__(self, blobs: Blobs, arena: Arena) -> None:
         self._blobs = blobs
-        self._budget = budget_bytes
-        self._available = budget_bytes
+        self._arena = arena
+        # Last freed, first taken: those pages are resident already.
+        self._free = list(range(arena.page_count))
+        self._held = 0
 
     @property
     def held_bytes(self) -> int:
         """Bytes of bodies held in memory now."""
-        return self._budget - self._available
+        return self._held
 
     async def receive(self, chunks: AsyncIterable[bytes]) -> Staged:
-        """Take a whole body into a staging file; the caller owns it and must remove it."""
+        """Take a whole body; the caller owns the result and must ``release`` or
+        ``discard`` it."""
         stream = aiter(chunks)
-        held: list[bytes] = []
-        reserved = 0
+        pages: list[int] = []
+        size = 0
         try:
             async for chunk in stream:
-                if len(chunk) > self._available:
-                    path, size = await self._blobs.stage(_chained(held, chunk, stream))
-                    return Staged(path, size)
-                self._available -= len(chunk)
-                reserved += len(chunk)
-                held.append(chunk)
-            return Staged(await self._blobs.stage_at_once(held, reserved), reserved)
-        finally:
-            self._available += reserved
+                if not self._grow(pages, size + len(chunk)):
+                    earlier = self._arena.slices(pages, size)
+                    path, total = await self._blobs.stage(_chained(earlier, chunk, stream))
+                    self._let_go(pages, size)
+                    return Staged(path, total)
+                self._arena.write(pages, size, chunk)
+                size += len(chunk)
+                self._held += len(chunk)
+        except BaseException:
+            self._let_go(pages, size)
+            raise
+        return Staged(InArena(tuple(pages), size), size)
+
+    def _grow(self, pages: list[int], size: int) -> bool:
+        """Take enough pages for ``size`` bytes, if there are."""
+        wanted = pages_for(size) - len(pages)
+        if wanted > len(self._free):
+            return False
+        for _ in range(wanted):
+            pages.append(self._free.pop())
+        return True
+
+    def _let_go(self, pages: list[int] | tuple[int, ...], size: int) -> None:
+        self._free.extend(reversed(pages))
+        self._held -= size
+
+    def release(self, staged: Staged) -> None:
+        """Let go of a body its worker is done with (it removes a staging file itself)."""
+        if isinstance(staged.body, InArena):
+            self._let_go(staged.body.pages, staged.size)
 
     async def discard(self, staged: Staged) -> None:
-        await self._blobs.discard(staged.path)
+        """Let go of a body no worker has taken, or whose worker did not finish."""
+        self.release(staged)
+        if isinstance(staged.body, Path):
+            await self._blobs.discard(staged.body)
 
 
 async def _chained(
-    held: list[bytes], chunk: bytes, rest: AsyncIterator[bytes]
+    earlier: Iterable[memoryview], chunk: bytes, rest: AsyncIterator[bytes]
 ) -> AsyncIterator[bytes]:
-    for earlier in held:
-        yield earlier
+    for piece in earlier:
+        yield bytes(piece)
     yield chunk
     async for later in rest:
         yield later

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import imaging
+from .arena import Arena
 from .blobs import Blobs
 from .config import Config, MiB
 from .converter import Converter
@@ -47,17 +48,19 @@ class Store:
     def __init__(
         self,
         config: Config,
+        *,
         index: Index,
         blobs: Blobs,
+        spool: Spool,
         converter: Converter,
         thumbnails: Thumbnails,
     ) -> None:
         self._config = config
         self._index = index
         self._blobs = blobs
+        self._spool = spool
         self.converter = converter
         self._thumbnails = thumbnails
-        self._spool = Spool(blobs, config.upload_memory_mb * MiB)
         self._unfinished: set[asyncio.Task[Any]] = set()
         self._spare_ids: list[str] = []
         self._journaling = asyncio.Lock()
@@ -102,11 +105,14 @@ class Store:
             for image_id in leftover:
                 await blobs.delete(image_id)
             await index.drop_pending(leftover)
+            arena = Arena(config.upload_memory_mb * MiB)
+            resources.callback(arena.close)
             converter = Converter(
                 workers=config.workers,
                 queue_size=config.queue_size,
                 timeout=config.conversion_timeout,
                 memory_limit_bytes=config.worker_memory_mb * MiB,
+                arena=arena,
                 observe=metrics.observe_job,
             )
             await converter.start()
@@ -119,7 +125,14 @@ class Store:
                 quality=config.jpeg_quality,
             )
             await thumbnails.open()
-            store = cls(config, index, blobs, converter, thumbnails)
+            store = cls(
+                config,
+                index=index,
+                blobs=blobs,
+                spool=Spool(blobs, arena),
+                converter=converter,
+                thumbnails=thumbnails,
+            )
             store._image_count, store._image_bytes = await index.totals()
             store._watch(metrics)
             yield store
@@ -164,7 +177,7 @@ class Store:
             try:
                 converted = await self.converter.run(
                     imaging.convert_upload,
-                    str(staged.path),
+                    staged.body,
                     placement,
                     self._config.max_pixels,
                     self._config.jpeg_quality,
@@ -185,8 +198,9 @@ class Store:
                 await self._index.drop_pending([image_id])
                 raise
         except BaseException:
-            await self._spool.discard(staged)  # the worker removes it, unless it died first
+            await self._spool.discard(staged)  # the worker removes a file, unless it died first
             raise
+        self._spool.release(staged)
         self._image_count += 1
         self._image_bytes += record.nbytes
         return record

@@ -61,6 +61,13 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
             await asyncio.sleep(0.005)
 
 
+async def until_metric(client: Client, name: str, wanted: Callable[[float], bool]) -> None:
+    """Wait for a value the server reports on /metrics to be as ``wanted``."""
+    async with asyncio.timeout(30):
+        while not wanted(value(await scrape(client), name)):  # noqa: ASYNC110 - nor here
+            await asyncio.sleep(0.005)
+
+
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -23,7 +23,9 @@ from checks import (
     assert_problem,
     lose_every_worker,
     process_exists,
+    scrape,
     until,
+    value,
 )
 
 SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
@@ -82,6 +84,7 @@ async def test_worker_killed_mid_job_costs_only_that_upload(
     assert "stopped unexpectedly" in body["detail"]
     assert int(response.headers["Retry-After"]) > 0
     assert_nothing_stored(storage)
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
     retry = await client.post("/images", data=SMALL_PNG)
     assert retry.status == 201
@@ -230,6 +233,7 @@ async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     assert "longer than 0.05 s" in body["detail"]
     assert "Retry-After" in response.headers
     assert_nothing_stored(storage)
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
     await until(lambda: not process_exists(slow_worker) and not converter(client).busy)
     tiny = samples.encode(Image.new("RGB", (8, 8)), "PNG")

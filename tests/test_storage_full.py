@@ -43,7 +43,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _noise_jpeg() -> bytes:
-    """About 5 MiB: the body alone does not fit the disk."""
+    """About 5 MiB, kept as it is: the body does not fit the disk, nor does its copy."""
     noise = Image.frombytes("RGB", (3000, 2000), random.Random(1).randbytes(3000 * 2000 * 3))
     return samples.encode(noise, "JPEG", quality=90)
 
@@ -58,7 +58,7 @@ def _stripes_png() -> bytes:
     ("upload_memory_mb", "make_body"),
     [
         pytest.param(0, lambda: os.urandom(6 * 1024 * 1024), id="body-spooled-to-disk"),
-        pytest.param(128, _noise_jpeg, id="body-in-memory-written-at-once"),
+        pytest.param(128, _noise_jpeg, id="jpeg-kept-as-is-too-big"),
         pytest.param(128, _stripes_png, id="converted-image-too-big"),
     ],
 )

@@ -9,6 +9,8 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import parsedate_to_datetime
+from functools import partial
+from operator import eq
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from PIL import Image, ImageOps
 from asgilook_aiohttp.blobs import Blobs
 
 import samples
-from checks import Client, ClientFactory, scrape, stored_files, value
+from checks import Client, ClientFactory, scrape, stored_files, until_metric, value
 
 UUID = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -253,11 +255,9 @@ async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
     upload = samples.encode(samples.photo((1200, 900)), "PNG")
     assert len(upload) > 1024 * 1024
     written: list[str] = []
-    for name in ("stage", "stage_at_once"):
-        monkeypatch.setattr(Blobs, name, _recorded(getattr(Blobs, name), written))
+    monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
     stored = []
-    # All in memory; in memory until the 1 MiB budget runs out, then chunk by chunk to disk;
-    # all chunk by chunk.
+    # All in memory; in memory until the 1 MiB budget runs out, then all to disk; all to disk.
     for memory_mb in (128, 1, 0):
         client = await make_client(upload_memory_mb=memory_mb)
         response = await client.post("/images", data=io.BytesIO(upload))
@@ -267,8 +267,51 @@ async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
         assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
         await client.close()
     assert stored[0] == stored[1] == stored[2]
-    assert written == ["stage_at_once", "stage", "stage"]
+    assert written == ["stage", "stage"]
     assert [path.split("/")[0] for path in stored_files(storage)] == ["images"] * 3
+
+
+async def test_bodies_arriving_together_each_store_their_own_pixels(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client()
+    uploads = [
+        samples.encode(samples.photo((900, 700), seed), "JPEG", quality=95) for seed in range(3)
+    ]
+    piece = 50_000  # not a whole number of the server's 64 KiB pages
+    rounds = [asyncio.Event() for _ in range(max(len(upload) for upload in uploads) // piece + 1)]
+
+    async def in_turns(upload: bytes) -> AsyncIterator[bytes]:
+        for turn, start in enumerate(range(0, len(upload), piece)):
+            await rounds[turn].wait()
+            yield upload[start : start + piece]
+
+    posting = [
+        asyncio.create_task(client.post("/images", data=in_turns(upload))) for upload in uploads
+    ]
+    # Each round's pieces are all held before the next is sent, so the bodies' pages
+    # alternate in memory.
+    for turn, round_started in enumerate(rounds):
+        round_started.set()
+        sent = sum(min(len(upload), (turn + 1) * piece) for upload in uploads)
+        await until_metric(client, "asgilook_upload_bytes_in_memory", partial(eq, sent))
+    for upload, response in zip(uploads, await asyncio.gather(*posting), strict=True):
+        assert response.status == 201, await response.text()
+        stored = await (await client.get((await response.json())["image"])).read()
+        assert samples.decode(stored).tobytes() == samples.decode(upload).tobytes()
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+
+
+async def test_a_body_stays_in_memory_until_its_worker_is_done(
+    client: Client, storage: Path
+) -> None:
+    slow_png = samples.slow_png()
+    posting = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
+    await until_metric(client, "asgilook_conversion_workers_busy", bool)
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == len(slow_png)
+    assert not [path for path in stored_files(storage) if path.startswith("staging/")]
+    assert (await posting).status == 201
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
 
 @pytest.mark.parametrize("memory_mb", [128, 0])

