@@ -35,6 +35,7 @@ from common import (
     photo,
     start_server,
     tree_cpu,
+    tree_pss,
     tree_rss,
 )
 from loadgen import Pool
@@ -182,7 +183,7 @@ async def under_saturation(
 ) -> dict[str, float]:
     """/healthz latency and peak memory while 16 uploads of 12 MP keep every worker busy."""
     stop = asyncio.Event()
-    peak = 0
+    peak = peak_proportional = 0
     health: list[float] = []
 
     async def saturate() -> None:
@@ -191,13 +192,14 @@ async def under_saturation(
             await upload()
 
     async def probe() -> None:
-        nonlocal peak
+        nonlocal peak, peak_proportional
         while not stop.is_set():
             start = time.perf_counter()
             async with session.get("/healthz") as response:
                 await response.read()
             health.append(time.perf_counter() - start)
             peak = max(peak, tree_rss(server.process.pid))
+            peak_proportional = max(peak_proportional, tree_pss(server.process.pid))
             await asyncio.sleep(0.02)
 
     uploads = [asyncio.create_task(saturate()) for _ in range(16)]
@@ -210,6 +212,7 @@ async def under_saturation(
         "healthz_p50_ms": statistics.median(health) * 1e3,
         "healthz_p99_ms": percentile(health, 0.99) * 1e3,
         "peak_rss_mib": peak / 2**20,
+        "peak_pss_mib": peak_proportional / 2**20,
     }
 
 

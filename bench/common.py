@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -67,9 +68,9 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-def _tree(pid: int) -> list[list[str]]:
+def _tree(pid: int) -> dict[int, list[str]]:
     """The /proc/<pid>/stat fields (after the command name) of a process and all its
-    descendants."""
+    descendants, by pid, the process itself first."""
     children: dict[int, list[int]] = {}
     fields: dict[int, list[str]] = {}
     for entry in os.scandir("/proc"):
@@ -82,22 +83,34 @@ def _tree(pid: int) -> list[list[str]]:
             continue
         fields[int(entry.name)] = process
         children.setdefault(int(process[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
+    found, todo = {}, [pid]
     while todo:
         current = todo.pop()
         if current in fields:
-            found.append(fields[current])
+            found[current] = fields[current]
         todo.extend(children.get(current, []))
     return found
 
 
 def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc)."""
-    return sum(int(process[21]) for process in _tree(pid)) * os.sysconf("SC_PAGE_SIZE")
+    """Resident bytes of a process and all its descendants (Linux /proc); memory they
+    share is counted once for each of them."""
+    pages = sum(int(process[21]) for process in _tree(pid).values())
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process and all its descendants: memory they share is
+    split between them, so the sum is what the tree holds."""
+    total = 0
+    for member in _tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/smaps_rollup") as rollup:
+            total += sum(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
+    return total * 1024
 
 
 def tree_cpu(pid: int) -> tuple[float, float]:
     """CPU seconds used so far by a process itself, and by its live descendants."""
     tick = os.sysconf("SC_CLK_TCK")
-    times = [(int(process[11]) + int(process[12])) / tick for process in _tree(pid)]
+    times = [(int(process[11]) + int(process[12])) / tick for process in _tree(pid).values()]
     return times[0], sum(times[1:])
