@@ -32,14 +32,19 @@ class Arena:
     """A fixed number of pages of shared memory; who uses which page is the caller's to
     keep track of."""
 
-    def __init__(self, size_bytes: int, fd: int | None = None) -> None:
+    def __init__(self, size_bytes: int, attach_to: int | None = None) -> None:
+        """New memory of ``size_bytes`` (in whole pages); or, in a worker, the server's,
+        by its descriptor, mapped read-only: a worker only reads bodies."""
         self.page_count = size_bytes // PAGE_SIZE
         self._size = self.page_count * PAGE_SIZE
-        if fd is None:
-            fd = os.memfd_create("asgilook-uploads")
-            os.ftruncate(fd, self._size)
-        self._fd = fd
-        self._map = mmap.mmap(fd, self._size) if self._size else None
+        if attach_to is None:
+            self._fd = os.memfd_create("asgilook-uploads")
+            os.ftruncate(self._fd, self._size)
+            access = mmap.ACCESS_WRITE
+        else:
+            self._fd = attach_to
+            access = mmap.ACCESS_READ
+        self._map = mmap.mmap(self._fd, self._size, access=access) if self._size else None
         self._memory = memoryview(self._map) if self._map else memoryview(bytearray())
 
     @property
@@ -62,20 +67,30 @@ class Arena:
             source = source[count:]
             at += count
 
-    def slices(self, pages: Sequence[int], size: int) -> Iterator[memoryview]:
+    def _views(self, pages: Sequence[int], size: int) -> Iterator[memoryview]:
         """The first ``size`` bytes of the body made of ``pages``, page by page, uncopied."""
         for index, page in enumerate(pages):
             start = page * PAGE_SIZE
             yield self._memory[start : start + min(PAGE_SIZE, size - index * PAGE_SIZE)]
 
+    def copies(self, pages: Sequence[int], size: int) -> Iterator[bytes]:
+        """The same, copied out page by page: no view of the arena outlives the call."""
+        for view in self._views(pages, size):
+            with view:
+                copy = view.tobytes()
+            yield copy
+
     def read(self, body: InArena) -> bytes:
-        return b"".join(self.slices(body.pages, body.size))
+        """A body, copied out whole."""
+        return b"".join(self._views(body.pages, body.size))
 
     def close(self) -> None:
-        self._memory.release()
-        if self._map is not None:
-            self._map.close()
-        os.close(self._fd)
+        try:
+            self._memory.release()
+            if self._map is not None:
+                self._map.close()
+        finally:
+            os.close(self._fd)
 
 
 def pages_for(size: int) -> int:

@@ -103,7 +103,8 @@ def _keep_freed_memory() -> None:
     A job holds the upload and the stripped copy at once; for a 5 MB photo the pair
     outgrew glibc's self-tuned trim threshold, so every job faulted in some 2,600 fresh
     pages and handed them back. Kept, a 12 MP upload costs its worker 58 ms of CPU in
-    place of 64 ms (bench/benchmark.py, 16 at once), for at most 64 MiB kept per worker.
+    place of 64 ms (bench/benchmark.py, 16 at once). Free memory past 64 MiB at the top
+    of the heap still goes back; what is kept is reused, so a worker's peak is no higher.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:  # not glibc

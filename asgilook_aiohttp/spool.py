@@ -8,7 +8,7 @@ with what it already had in memory written first.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,17 +47,40 @@ class Spool:
         try:
             async for chunk in stream:
                 if not self._grow(pages, size + len(chunk)):
-                    earlier = self._arena.slices(pages, size)
-                    path, total = await self._blobs.stage(_chained(earlier, chunk, stream))
-                    self._let_go(pages, size)
-                    return Staged(path, total)
+                    break
                 self._arena.write(pages, size, chunk)
                 size += len(chunk)
                 self._held += len(chunk)
+            else:
+                return Staged(InArena(tuple(pages), size), size)
         except BaseException:
             self._let_go(pages, size)
             raise
-        return Staged(InArena(tuple(pages), size), size)
+        return await self._spill(pages, size, chunk, stream)
+
+    async def _spill(
+        self, pages: list[int], size: int, chunk: bytes, rest: AsyncIterator[bytes]
+    ) -> Staged:
+        """Write a body that outgrew the arena to a staging file: first its part in the
+        arena, let go of as soon as it is copied out, then the rest as it comes."""
+        held = True
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal held
+            for piece in self._arena.copies(pages, size):
+                yield piece
+            self._let_go(pages, size)
+            held = False
+            yield chunk
+            async for later in rest:
+                yield later
+
+        try:
+            path, total = await self._blobs.stage(body())
+        finally:
+            if held:
+                self._let_go(pages, size)
+        return Staged(path, total)
 
     def _grow(self, pages: list[int], size: int) -> bool:
         """Take enough pages for ``size`` bytes, if there are."""
@@ -82,13 +105,3 @@ class Spool:
         self.release(staged)
         if isinstance(staged.body, Path):
             await self._blobs.discard(staged.body)
-
-
-async def _chained(
-    earlier: Iterable[memoryview], chunk: bytes, rest: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    for piece in earlier:
-        yield bytes(piece)
-    yield chunk
-    async for later in rest:
-        yield later

@@ -1,7 +1,8 @@
 """The Store: the one place that knows an image is a file plus an index row (and its
 thumbnails, likewise).
 
-An upload is received into a staging file and given an id already journaled as pending;
+An upload is received into memory shared with the workers (or, past it, a staging file)
+and given an id already journaled as pending;
 a worker converts it and moves the JPEG into place durably, and only then is it recorded
 in the index. A crash at any point leaves either nothing visible or a complete image. A
 deletion removes the row first and journals the id until the files are gone. ``open``
@@ -80,7 +81,7 @@ class Store:
         )
         metrics.gauge(
             "asgilook_upload_bytes_in_memory",
-            "Bytes of upload bodies held in memory while they arrive.",
+            "Bytes of upload bodies held in memory until converted.",
             lambda: self._spool.held_bytes,
         )
         metrics.gauge(

@@ -58,10 +58,9 @@ async def _receive_multipart(request: web.Request, store: Store, limit: int) -> 
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not supported")
             if part.name == "image" or (chosen is None and part.filename is not None):
-                staged = await store.stage(_part_chunks(request, part, limit))
-                if chosen is not None:
-                    await store.discard(chosen)
-                chosen = staged
+                replaced, chosen = chosen, await store.stage(_part_chunks(request, part, limit))
+                if replaced is not None:
+                    await store.discard(replaced)
                 if part.name == "image":
                     break
             else:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -61,10 +62,10 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
             await asyncio.sleep(0.005)
 
 
-async def until_metric(client: Client, name: str, wanted: Callable[[float], bool]) -> None:
+async def until_metric(source: MetricsSource, name: str, wanted: Callable[[float], bool]) -> None:
     """Wait for a value the server reports on /metrics to be as ``wanted``."""
     async with asyncio.timeout(30):
-        while not wanted(value(await scrape(client), name)):  # noqa: ASYNC110 - nor here
+        while not wanted(value(await scrape(source), name)):  # noqa: ASYNC110 - nor here
             await asyncio.sleep(0.005)
 
 
@@ -110,8 +111,19 @@ def bearer(token: str) -> dict[str, str]:
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-async def scrape(client: Client) -> Metrics:
-    response = await client.get("/metrics")
+# The app under a test client, or a server process: a session and its URL.
+MetricsSource = Client | tuple[aiohttp.ClientSession, str]
+
+
+async def scrape(source: MetricsSource) -> Metrics:
+    if isinstance(source, tuple):
+        session, url = source
+        async with session.get(f"{url}/metrics") as response:
+            return await _parsed(response)
+    return await _parsed(await source.get("/metrics"))
+
+
+async def _parsed(response: ClientResponse) -> Metrics:
     assert response.status == 200
     assert response.content_type == "text/plain"
     return {

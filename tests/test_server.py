@@ -135,14 +135,23 @@ async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> No
     assert b"--workers: must be at least 1" in stderr
 
 
+@pytest.mark.parametrize(
+    "first_bytes",
+    [
+        pytest.param(b"\x89PNG\r\n\x1a\n", id="in-memory"),
+        pytest.param(os.urandom(2 * 1024 * 1024), id="outgrew-memory-onto-disk"),
+    ],
+)
 async def test_a_stalled_upload_holds_the_stop_no_longer_than_the_shutdown_timeout(
-    tmp_path: Path, session: aiohttp.ClientSession
+    tmp_path: Path, session: aiohttp.ClientSession, first_bytes: bytes
 ) -> None:
-    server = await start_server(tmp_path / "storage", "--shutdown-timeout", "3")
+    server = await start_server(
+        tmp_path / "storage", "--shutdown-timeout", "3", "--upload-memory-mb", "1"
+    )
     sent = asyncio.Event()
 
     async def never_ending_body() -> AsyncIterator[bytes]:
-        yield b"\x89PNG\r\n\x1a\n"
+        yield first_bytes
         sent.set()
         await asyncio.sleep(3600)
 

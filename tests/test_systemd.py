@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from operator import le
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +18,7 @@ import pytest
 from asgilook_aiohttp import systemd
 
 import samples
-from checks import image_object
+from checks import image_object, until_metric
 from serving import processes_in_group, running, start_server
 
 PNG = samples.encode(samples.two_tone((640, 360)), "PNG")
@@ -172,6 +174,9 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
 
     uploads = [asyncio.create_task(upload(data)) for data in bodies]
     await started.wait()
+    # ... and the server holds the first piece of every one.
+    everyone_begun = partial(le, len(bodies) * 65536)
+    await until_metric((session, server.url), "asgilook_upload_bytes_in_memory", everyone_begun)
     server.signal(signal.SIGTERM)
     images = await asyncio.gather(*uploads)
     assert await server.exit_code() == 0

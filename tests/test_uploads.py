@@ -4,7 +4,9 @@ memory or straight to disk."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +23,16 @@ from PIL import Image, ImageOps
 from asgilook_aiohttp.blobs import Blobs
 
 import samples
-from checks import Client, ClientFactory, scrape, stored_files, until_metric, value
+from checks import (
+    Client,
+    ClientFactory,
+    assert_problem,
+    scrape,
+    stored_files,
+    until,
+    until_metric,
+    value,
+)
 
 UUID = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 
@@ -204,6 +215,22 @@ async def test_multipart_leaves_only_the_stored_image(client: Client, storage: P
     ]
 
 
+async def test_a_replaced_part_that_cannot_be_removed_still_lets_the_next_one_go(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(upload_memory_mb=1)
+
+    async def cannot_remove(self: Blobs, path: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Blobs, "discard", cannot_remove)
+    form = aiohttp.FormData()
+    form.add_field("attachment", io.BytesIO(os.urandom(2 * 1024 * 1024)), filename="big.bin")
+    form.add_field("image", io.BytesIO(samples.encode(samples.two_tone(), "PNG")), filename="b")
+    await assert_problem(await client.post("/images", data=form), 500)
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+
+
 async def test_content_type_of_a_raw_upload_does_not_matter(client: Client) -> None:
     data = samples.encode(samples.two_tone(), "PNG")
     image, _ = await upload_and_fetch(client, data, headers={"Content-Type": "text/plain"})
@@ -290,11 +317,12 @@ async def test_bodies_arriving_together_each_store_their_own_pixels(
         asyncio.create_task(client.post("/images", data=in_turns(upload))) for upload in uploads
     ]
     # Each round's pieces are all held before the next is sent, so the bodies' pages
-    # alternate in memory.
+    # alternate in memory (until the first body is whole, and may be converted and gone).
     for turn, round_started in enumerate(rounds):
         round_started.set()
-        sent = sum(min(len(upload), (turn + 1) * piece) for upload in uploads)
-        await until_metric(client, "asgilook_upload_bytes_in_memory", partial(eq, sent))
+        if (turn + 1) * piece < min(len(upload) for upload in uploads):
+            sent = (turn + 1) * piece * len(uploads)
+            await until_metric(client, "asgilook_upload_bytes_in_memory", partial(eq, sent))
     for upload, response in zip(uploads, await asyncio.gather(*posting), strict=True):
         assert response.status == 201, await response.text()
         stored = await (await client.get((await response.json())["image"])).read()
@@ -309,9 +337,40 @@ async def test_a_body_stays_in_memory_until_its_worker_is_done(
     posting = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
     await until_metric(client, "asgilook_conversion_workers_busy", bool)
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == len(slow_png)
-    assert not [path for path in stored_files(storage) if path.startswith("staging/")]
+    assert not [path for path in stored_files(storage) if path.endswith(".upload")]
     assert (await posting).status == 201
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+
+
+async def test_a_body_that_outgrows_the_memory_lets_go_of_it_while_it_still_arrives(
+    make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(upload_memory_mb=1)
+    upload = samples.encode(samples.photo((1200, 900)), "PNG")
+    assert len(upload) > 1_200_000
+    go_on = asyncio.Event()
+
+    async def stalling_body() -> AsyncIterator[bytes]:
+        yield upload[:1_100_000]  # more than the 1 MiB there is
+        await go_on.wait()
+        yield upload[1_100_000:]
+
+    written: list[str] = []
+    monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
+    posting = asyncio.create_task(client.post("/images", data=stalling_body()))
+
+    def on_disk() -> int:
+        staged = [path for path in stored_files(storage) if path.endswith(".upload")]
+        return sum((storage / path).stat().st_size for path in staged)
+
+    await until(lambda: on_disk() == 1_100_000)  # all that was sent so far
+    assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
+    # The memory is free for the next upload meanwhile.
+    small = samples.encode(samples.two_tone(), "PNG")
+    assert (await client.post("/images", data=small)).status == 201
+    assert written == ["stage"]
+    go_on.set()
+    assert (await posting).status == 201
 
 
 @pytest.mark.parametrize("memory_mb", [128, 0])
