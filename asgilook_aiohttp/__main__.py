@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from . import logs
+from . import logs, malloc
 from .config import Config
 from .server import serve
 
@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Read once; the worker processes that decode untrusted images need not see it.
     os.environ.pop("ASGILOOK_WRITE_TOKEN", None)
     logs.configure(config.log_format)
+    malloc.keep_freed_memory()
     asyncio.run(serve(config))
 
 

@@ -6,7 +6,6 @@ subclasses, which carry a message meant for the person who sent the image.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import io
 import os
@@ -20,6 +19,7 @@ from typing import NamedTuple
 from PIL import Image, ImageCms, UnidentifiedImageError
 from PIL import _imaging as pillow_core
 
+from . import malloc
 from .arena import Arena, InArena
 from .blobs import Placement, place_durably
 from .jpeg import strip_metadata
@@ -38,10 +38,6 @@ _UPRIGHT = {
 _WHITE = (255, 255, 255)
 # Of Pillow's 16 MiB blocks of image memory.
 _KEPT_IMAGE_BLOCKS = 4
-# glibc's mallopt() parameters, and the size up to which buffers come from the heap.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_LARGEST_HEAP_ALLOCATION = 32 * 1024 * 1024
 
 
 class _Worker:
@@ -94,23 +90,7 @@ def init_worker(memory_limit_bytes: int, server_pid: int, arena: Arena | None = 
     # and faulting fresh pages in again: 2 MP conversions took 40 ms of CPU in place of
     # 50-54 ms in the server's workers (bench/benchmark.py), for at most 64 MiB kept.
     pillow_core.set_blocks_max(_KEPT_IMAGE_BLOCKS)  # what PILLOW_BLOCKS_MAX would set
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """Have malloc keep freed buffers for the next job instead of returning them.
-
-    A job holds the upload and the stripped copy at once; for a 5 MB photo the pair
-    outgrew glibc's self-tuned trim threshold, so every job faulted in some 2,600 fresh
-    pages and handed them back. Kept, a 12 MP upload costs its worker 58 ms of CPU in
-    place of 64 ms (bench/benchmark.py, 16 at once). Free memory past 64 MiB at the top
-    of the heap still goes back; what is kept is reused, so a worker's peak is no higher.
-    """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is None:  # not glibc
-        return
-    mallopt(_M_MMAP_THRESHOLD, _LARGEST_HEAP_ALLOCATION)
-    mallopt(_M_TRIM_THRESHOLD, 2 * _LARGEST_HEAP_ALLOCATION)
+    malloc.keep_freed_memory()
 
 
 def _die_with(server_pid: int) -> None:
