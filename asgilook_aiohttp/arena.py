@@ -36,25 +36,24 @@ class Arena:
         """New memory of ``size_bytes`` (in whole pages); or, in a worker, the server's,
         by its descriptor, mapped read-only: a worker only reads bodies."""
         self.page_count = size_bytes // PAGE_SIZE
-        self._size = self.page_count * PAGE_SIZE
         if attach_to is None:
             self._fd = os.memfd_create("asgilook-uploads")
-            os.ftruncate(self._fd, self._size)
+            os.ftruncate(self._fd, self.size_bytes)
             access = mmap.ACCESS_WRITE
         else:
             self._fd = attach_to
             access = mmap.ACCESS_READ
-        self._map = mmap.mmap(self._fd, self._size, access=access) if self._size else None
+        self._map = mmap.mmap(self._fd, self.size_bytes, access=access) if self.page_count else None
         self._memory = memoryview(self._map) if self._map else memoryview(bytearray())
 
     @property
     def size_bytes(self) -> int:
-        return self._size
+        return self.page_count * PAGE_SIZE
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Only while a worker process is being started: the descriptor goes along with the
         # start-up message, the way multiprocessing shares its own heap.
-        return _attach, (self._size, reduction.DupFd(self._fd))
+        return _attach, (self.size_bytes, reduction.DupFd(self._fd))
 
     def write(self, pages: Sequence[int], at: int, data: bytes) -> None:
         """Copy ``data`` into the body made of ``pages``, from its byte ``at`` on."""

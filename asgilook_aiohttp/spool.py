@@ -8,7 +8,7 @@ with what it already had in memory written first.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +87,10 @@ class Spool:
         wanted = pages_for(size) - len(pages)
         if wanted > len(self._free):
             return False
-        for _ in range(wanted):
-            pages.append(self._free.pop())
+        pages.extend(self._free.pop() for _ in range(wanted))
         return True
 
-    def _let_go(self, pages: list[int] | tuple[int, ...], size: int) -> None:
+    def _let_go(self, pages: Sequence[int], size: int) -> None:
         self._free.extend(reversed(pages))
         self._held -= size
 

@@ -2,11 +2,10 @@
 thumbnails, likewise).
 
 An upload is received into memory shared with the workers (or, past it, a staging file)
-and given an id already journaled as pending;
-a worker converts it and moves the JPEG into place durably, and only then is it recorded
-in the index. A crash at any point leaves either nothing visible or a complete image. A
-deletion removes the row first and journals the id until the files are gone. ``open``
-finishes whatever a crash interrupted.
+and given an id already journaled as pending; a worker converts it and moves the JPEG
+into place durably, and only then is it recorded in the index. A crash at any point
+leaves either nothing visible or a complete image. A deletion removes the row first and
+journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
 """
 
 from __future__ import annotations
