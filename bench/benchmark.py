@@ -35,8 +35,7 @@ from common import (
     photo,
     start_server,
     tree_cpu,
-    tree_pss,
-    tree_rss,
+    tree_memory,
 )
 from loadgen import Pool
 
@@ -198,8 +197,9 @@ async def under_saturation(
             async with session.get("/healthz") as response:
                 await response.read()
             health.append(time.perf_counter() - start)
-            peak = max(peak, tree_rss(server.process.pid))
-            peak_proportional = max(peak_proportional, tree_pss(server.process.pid))
+            resident, proportional = tree_memory(server.process.pid)
+            peak = max(peak, resident)
+            peak_proportional = max(peak_proportional, proportional)
             await asyncio.sleep(0.02)
 
     uploads = [asyncio.create_task(saturate()) for _ in range(16)]

@@ -92,21 +92,19 @@ def _tree(pid: int) -> dict[int, list[str]]:
     return found
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (Linux /proc); memory they
-    share is counted once for each of them."""
-    pages = sum(int(process[21]) for process in _tree(pid).values())
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def tree_pss(pid: int) -> int:
-    """Proportional set size of a process and all its descendants: memory they share is
-    split between them, so the sum is what the tree holds."""
-    total = 0
-    for member in _tree(pid):
+def tree_memory(pid: int) -> tuple[int, int]:
+    """Bytes held by a process and all its descendants (Linux /proc), as (RSS, PSS) summed.
+    The RSS sum counts memory they share once for each of them; the PSS sum splits it
+    between them, so it is what the tree holds."""
+    members = _tree(pid)
+    pages = sum(int(process[21]) for process in members.values())
+    proportional_kib = 0
+    for member in members:
         with contextlib.suppress(OSError), open(f"/proc/{member}/smaps_rollup") as rollup:
-            total += sum(int(line.split()[1]) for line in rollup if line.startswith("Pss:"))
-    return total * 1024
+            proportional_kib += sum(
+                int(line.split()[1]) for line in rollup if line.startswith("Pss:")
+            )
+    return pages * os.sysconf("SC_PAGE_SIZE"), proportional_kib * 1024
 
 
 def tree_cpu(pid: int) -> tuple[float, float]:
