@@ -47,6 +47,11 @@ def stored_files(storage: Path) -> list[str]:
     )
 
 
+def staged_bytes(storage: Path) -> int:
+    """Bytes of upload bodies written to staging files (those that did not fit in memory)."""
+    return sum(path.stat().st_size for path in (storage / "staging").glob("*.upload"))
+
+
 def index_rows(storage: Path) -> tuple[int, int]:
     """(stored images, journaled ids), read from the index file itself."""
     with sqlite3.connect(storage / INDEX_FILE) as db:

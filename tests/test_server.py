@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 import samples
-from checks import image_object, until
+from checks import image_object, staged_bytes, stored_files, until, until_metric
 from serving import ROOT, Server, processes_in_group, running, start_server
 
 
@@ -66,7 +66,7 @@ async def test_a_stop_signal_lets_an_upload_in_flight_finish(
 
     async def body_interrupted_by_the_signal() -> AsyncIterator[bytes]:
         yield data[:1000]
-        await asyncio.sleep(0.2)
+        await until_metric((session, server.url), "asgilook_upload_bytes_in_memory", bool)
         server.signal(signum)
         await asyncio.sleep(0.2)
         yield data[1000:]
@@ -103,22 +103,15 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     storage = tmp_path / "storage"
-    server = await start_server(storage, "--workers", "1")
+    server = await start_server(storage)
     slow = samples.slow_png()
     upload = asyncio.create_task(session.post(f"{server.url}/images", data=io.BytesIO(slow)))
-
-    async def converting() -> bool:
-        async with session.get(f"{server.url}/metrics") as response:
-            return "asgilook_conversion_workers_busy 1.0" in await response.text()
-
-    async with asyncio.timeout(30):
-        while not await converting():  # noqa: ASYNC110 - the state is in another process
-            await asyncio.sleep(0.01)
+    await until_metric((session, server.url), "asgilook_conversion_workers_busy", bool)
     server.signal(signal.SIGKILL)  # mid-conversion: about half a second of work left
     with pytest.raises(aiohttp.ClientError):
         await upload
     await until(lambda: processes_in_group(server.process.pid) == [])
-    assert [path for path in (storage / "images").rglob("*") if path.is_file()] == []
+    assert [path for path in stored_files(storage) if path.startswith("images/")] == []
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:
@@ -145,19 +138,19 @@ async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> No
 async def test_a_stalled_upload_holds_the_stop_no_longer_than_the_shutdown_timeout(
     tmp_path: Path, session: aiohttp.ClientSession, first_bytes: bytes
 ) -> None:
-    server = await start_server(
-        tmp_path / "storage", "--shutdown-timeout", "3", "--upload-memory-mb", "1"
-    )
-    sent = asyncio.Event()
+    storage = tmp_path / "storage"
+    server = await start_server(storage, "--shutdown-timeout", "3", "--upload-memory-mb", "1")
 
     async def never_ending_body() -> AsyncIterator[bytes]:
         yield first_bytes
-        sent.set()
         await asyncio.sleep(3600)
 
     stalled = asyncio.create_task(session.post(f"{server.url}/images", data=never_ending_body()))
-    await sent.wait()
-    await asyncio.sleep(0.2)
+    await until_metric(  # the server has all that was sent, in memory or on disk
+        (session, server.url),
+        "asgilook_upload_bytes_in_memory",
+        lambda held: held + staged_bytes(storage) == len(first_bytes),
+    )
     loop = asyncio.get_running_loop()
     signalled = loop.time()
     server.signal(signal.SIGTERM)

@@ -160,11 +160,12 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     server = await start_server(storage, "--workers", "2")
     bodies = [samples.encode(samples.photo((1600, 1200), seed), "PNG") for seed in range(3)]
     started = asyncio.Barrier(len(bodies) + 1)
+    signalled = asyncio.Event()
 
     async def slow_body(data: bytes) -> AsyncIterator[bytes]:
         yield data[:65536]
         await started.wait()  # every upload has begun before the signal
-        await asyncio.sleep(0.3)
+        await signalled.wait()
         yield data[65536:]
 
     async def upload(data: bytes) -> dict[str, object]:
@@ -178,6 +179,8 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
     everyone_begun = partial(le, len(bodies) * 65536)
     await until_metric((session, server.url), "asgilook_upload_bytes_in_memory", everyone_begun)
     server.signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)  # time for the server to stop listening before the rest comes
+    signalled.set()
     images = await asyncio.gather(*uploads)
     assert await server.exit_code() == 0
     await asyncio.sleep(0.2)

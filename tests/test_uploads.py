@@ -28,6 +28,7 @@ from checks import (
     ClientFactory,
     assert_problem,
     scrape,
+    staged_bytes,
     stored_files,
     until,
     until_metric,
@@ -358,12 +359,7 @@ async def test_a_body_that_outgrows_the_memory_lets_go_of_it_while_it_still_arri
     written: list[str] = []
     monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
     posting = asyncio.create_task(client.post("/images", data=stalling_body()))
-
-    def on_disk() -> int:
-        staged = [path for path in stored_files(storage) if path.endswith(".upload")]
-        return sum((storage / path).stat().st_size for path in staged)
-
-    await until(lambda: on_disk() == 1_100_000)  # all that was sent so far
+    await until(lambda: staged_bytes(storage) == 1_100_000)  # all that was sent so far
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
     # The memory is free for the next upload meanwhile.
     small = samples.encode(samples.two_tone(), "PNG")
@@ -390,13 +386,13 @@ async def test_a_body_in_flight_is_held_in_memory_only_within_the_budget(
 
     posting = asyncio.create_task(client.post("/images", data=slow_body()))
     await half_sent.wait()
-    async with asyncio.timeout(30):
-        while True:  # until the server has taken in all that was sent
-            held = value(await scrape(client), "asgilook_upload_bytes_in_memory")
-            spooled = [path for path in stored_files(storage) if path.startswith("staging/")]
-            if held + sum((storage / path).stat().st_size for path in spooled) == 50_000:
-                break
-            await asyncio.sleep(0.01)
+    await until_metric(  # the server has taken in all that was sent
+        client,
+        "asgilook_upload_bytes_in_memory",
+        lambda held: held + staged_bytes(storage) == 50_000,
+    )
+    held = value(await scrape(client), "asgilook_upload_bytes_in_memory")
+    spooled = [path for path in stored_files(storage) if path.startswith("staging/")]
     if memory_mb:
         assert held == 50_000
         assert spooled == []
