@@ -55,6 +55,12 @@ def slow_png() -> bytes:
     return encode(photo((4000, 3000)), "PNG", compress_level=1)
 
 
+@functools.cache
+def megabyte_png() -> bytes:
+    """A 1200x900 PNG of about 1.25 MB: more than a 1 MiB upload memory holds."""
+    return encode(photo((1200, 900)), "PNG")
+
+
 def exif_with_gps(orientation: int) -> Image.Exif:
     exif = Image.Exif()
     exif[ORIENTATION] = orientation

@@ -31,11 +31,6 @@ from checks import (
 SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 
 
-@pytest.fixture(scope="session")
-def slow_png() -> bytes:
-    return samples.slow_png()
-
-
 def _wait_for(path: str) -> None:
     """Keep the worker busy until the test creates ``path``."""
     while not os.path.exists(path):
@@ -51,8 +46,8 @@ def converter(client: Client) -> Converter:
     return client.app[STORE].converter
 
 
-async def wait_until_busy(client: Client, workers: int = 1) -> None:
-    await until(lambda: converter(client).busy >= workers)
+async def wait_until_busy(pool: Converter, workers: int = 1) -> None:
+    await until(lambda: pool.busy >= workers)
 
 
 async def test_conversion_runs_in_a_worker_process(client: Client) -> None:
@@ -71,11 +66,9 @@ async def test_worker_count_is_configurable(make_client: ClientFactory) -> None:
     assert len(set(converter(client).worker_pids())) == 3
 
 
-async def test_worker_killed_mid_job_costs_only_that_upload(
-    client: Client, storage: Path, slow_png: bytes
-) -> None:
-    upload = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
-    await wait_until_busy(client)
+async def test_worker_killed_mid_job_costs_only_that_upload(client: Client, storage: Path) -> None:
+    upload = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
+    await wait_until_busy(converter(client))
     (victim,) = converter(client).worker_pids()
     os.kill(victim, signal.SIGKILL)
 
@@ -92,14 +85,13 @@ async def test_worker_killed_mid_job_costs_only_that_upload(
     assert replacement != victim
 
 
-async def test_other_workers_keep_their_jobs_when_one_dies(
-    make_client: ClientFactory, slow_png: bytes
-) -> None:
+async def test_other_workers_keep_their_jobs_when_one_dies(make_client: ClientFactory) -> None:
     client = await make_client(workers=2)
     uploads = [
-        asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png))) for _ in range(2)
+        asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
+        for _ in range(2)
     ]
-    await wait_until_busy(client, workers=2)
+    await wait_until_busy(converter(client), workers=2)
     victim = converter(client).worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     statuses = sorted([(await upload).status for upload in uploads])
@@ -111,7 +103,7 @@ async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_all_the_sa
 ) -> None:
     pool = converter(client)
     stuck = asyncio.create_task(pool.run(time.sleep, 30))
-    await until(lambda: pool.busy == 1)
+    await wait_until_busy(pool)
     behind = asyncio.create_task(client.post("/images", data=SMALL_PNG))
     await until(lambda: pool.waiting == 1)  # handed to the busy worker, behind the job
     (victim,) = pool.worker_pids()
@@ -136,7 +128,7 @@ async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
     pool = converter(await make_client(conversion_timeout=2))
     (stuck_worker,) = pool.worker_pids()
     stuck = asyncio.create_task(pool.run(time.sleep, 30))
-    await until(lambda: pool.busy == 1)
+    await wait_until_busy(pool)
     behind = asyncio.create_task(pool.run(os.getpid))
     await until(lambda: pool.waiting == 1)
 
@@ -164,7 +156,7 @@ async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
     pool = converter(await make_client(queue_size=0))
     gate = tmp_path / "gate"
     running = asyncio.create_task(pool.run(_wait_for, str(gate)))
-    await until(lambda: pool.busy == 1)
+    await wait_until_busy(pool)
     with pytest.raises(QueueFull):
         await pool.run(os.getpid)
     gate.touch()
@@ -189,7 +181,7 @@ async def test_a_job_cancelled_while_waiting_in_line_leaves_it(
     pool = converter(await make_client())
     gate = tmp_path / "gate"
     running = asyncio.create_task(pool.run(_wait_for, str(gate)))
-    await until(lambda: pool.busy == 1)
+    await wait_until_busy(pool)
     behind = asyncio.create_task(pool.run(os.getpid))
     in_line = asyncio.create_task(pool.run(os.getpid))
     await until(lambda: pool.waiting == 2)
@@ -224,11 +216,11 @@ async def test_uploads_fail_at_once_when_no_worker_can_be_started(
 
 
 async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
-    make_client: ClientFactory, storage: Path, slow_png: bytes
+    make_client: ClientFactory, storage: Path
 ) -> None:
     client = await make_client(conversion_timeout=0.05)
     (slow_worker,) = converter(client).worker_pids()
-    response = await client.post("/images", data=io.BytesIO(slow_png))
+    response = await client.post("/images", data=io.BytesIO(samples.slow_png()))
     body = await assert_problem(response, 503, "conversion-timeout")
     assert "longer than 0.05 s" in body["detail"]
     assert "Retry-After" in response.headers
@@ -240,12 +232,10 @@ async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     assert (await client.post("/images", data=tiny)).status == 201
 
 
-async def test_full_queue_is_503_at_once(
-    make_client: ClientFactory, storage: Path, slow_png: bytes
-) -> None:
+async def test_full_queue_is_503_at_once(make_client: ClientFactory, storage: Path) -> None:
     client = await make_client(workers=1, queue_size=1)
-    running = asyncio.create_task(client.post("/images", data=io.BytesIO(slow_png)))
-    await wait_until_busy(client)
+    running = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
+    await wait_until_busy(converter(client))
     queued = asyncio.create_task(client.post("/images", data=SMALL_PNG))
     await until(lambda: converter(client).waiting == 1)
 

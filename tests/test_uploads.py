@@ -280,7 +280,7 @@ def _recorded(method: Callable[..., Any], calls: list[str]) -> Callable[..., Any
 async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
     make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    upload = samples.encode(samples.photo((1200, 900)), "PNG")
+    upload = samples.megabyte_png()
     assert len(upload) > 1024 * 1024
     written: list[str] = []
     monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
@@ -347,7 +347,7 @@ async def test_a_body_that_outgrows_the_memory_lets_go_of_it_while_it_still_arri
     make_client: ClientFactory, storage: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await make_client(upload_memory_mb=1)
-    upload = samples.encode(samples.photo((1200, 900)), "PNG")
+    upload = samples.megabyte_png()
     assert len(upload) > 1_200_000
     go_on = asyncio.Event()
 
