@@ -50,6 +50,13 @@ async def test_unsupported_method_is_405_with_allow(client: Client) -> None:
     response = await client.delete(f"/images/{MISSING_ID}.jpeg")
     await assert_problem(response, 405)
     assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    response = await client.put(f"/images/{MISSING_ID}", data=b"x")
+    await assert_problem(response, 405)
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "DELETE"}
+    for path in (f"/thumbnails/{MISSING_ID}/64x48.jpeg", "/healthz", "/readyz"):
+        response = await client.post(path, data=b"x")
+        await assert_problem(response, 405)
+        assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
 
 
 async def test_empty_body_is_400(client: Client, storage: Path) -> None:

@@ -47,6 +47,9 @@ async def test_not_ready_while_no_worker_can_run(
     await lose_every_worker(client, monkeypatch)
     body = await assert_problem(await client.get("/readyz"), 503, "not-ready")
     assert "no conversion worker" in body["detail"]
+    head = await client.head("/readyz")  # HEAD answers as GET does, without the body
+    assert head.status == 503
+    assert await head.read() == b""
     assert (await client.get("/healthz")).status == 200
 
 

@@ -112,6 +112,9 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
         await upload
     await until(lambda: processes_in_group(server.process.pid) == [])
     assert [path for path in stored_files(storage) if path.startswith("images/")] == []
+    async with running(storage) as restarted:  # nothing of it after a restart either
+        assert await (await session.get(f"{restarted.url}/images")).json() == []
+    assert stored_files(storage) == []
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:

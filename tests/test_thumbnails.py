@@ -22,7 +22,7 @@ from asgilook_aiohttp.store import INDEX_FILE
 from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL, Thumbnails
 
 import samples
-from checks import Client, ClientFactory, assert_problem
+from checks import Client, ClientFactory, assert_problem, lose_every_worker
 
 
 async def upload(client: Client, image: Image.Image, fmt: str = "PNG", **options: Any) -> Any:
@@ -100,6 +100,18 @@ async def test_unlisted_sizes_unknown_ids_and_malformed_paths_are_404(client: Cl
     ):
         await assert_problem(await client.get(path), 404)
         assert (await client.head(path)).status == 404
+
+
+async def test_a_thumbnail_no_worker_can_make_is_503_and_leaves_nothing(
+    client: Client, storage: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = await upload(client, samples.photo((640, 480)))
+    await lose_every_worker(client, monkeypatch)
+    response = await client.get(image["thumbnails"][0])
+    await assert_problem(response, 503, "worker-lost")
+    assert int(response.headers["Retry-After"]) > 0
+    assert thumbnail_files(storage) == []
+    assert_thumbnail_rows_name_the_files(storage)
 
 
 async def test_made_once_then_served_from_storage(client: Client, storage: Path) -> None:
