@@ -81,8 +81,9 @@ def in_process_limit(data: bytes, seconds: float, workers: int) -> float:
         tempfile.TemporaryDirectory() as scratch,
         ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(data,)) as pool,
     ):
+        list(pool.map(_convert_once, [scratch] * workers))  # start the processes, warm up
         start = time.perf_counter()
-        list(pool.map(_convert_once, [scratch] * workers))  # warm up: one job each, at once
+        list(pool.map(_convert_once, [scratch] * workers))  # one job each, at once
         jobs = max(4 * workers, int(seconds * workers / (time.perf_counter() - start)))
         start = time.perf_counter()
         list(pool.map(_convert_once, [scratch] * jobs))
