@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 from aiohttp import web
 from benchmark import CPUS, in_process_limit, own_cpu, sample_images, uploader
@@ -73,22 +75,29 @@ async def main(seconds: float, workers: int) -> None:
         f"{'receiving':>9} {'ceiling':>8}"
     )
     try:
-        for name, data in sample_images().items():
-            before = await asyncio.to_thread(in_process_limit, data, seconds, workers)
-            stop = asyncio.Event()
-            server_before, client_before = tree_cpu(server.process.pid)[0], own_cpu()
-            sending = asyncio.create_task(paced_uploads(pool, data, 0.9 * before, stop))
-            loaded = await asyncio.to_thread(in_process_limit, data, seconds, workers)
-            stop.set()
-            count = await sending
-            receiving = (tree_cpu(server.process.pid)[0] - server_before) / count * 1e3
-            client = (own_cpu() - client_before) / count * 1e3
-            after = await asyncio.to_thread(in_process_limit, data, seconds, workers)
-            limit = (before + after) / 2
-            print(
-                f"{name:<11} {receiving:9.2f} {client:9.2f} {limit:8.1f} "
-                f"{loaded:9.1f} {loaded / limit:8.2f}"
-            )
+        with tempfile.TemporaryDirectory() as scratch:
+            for name, data in sample_images().items():
+                before = await asyncio.to_thread(
+                    in_process_limit, data, seconds, workers, Path(scratch)
+                )
+                stop = asyncio.Event()
+                server_before, client_before = tree_cpu(server.process.pid)[0], own_cpu()
+                sending = asyncio.create_task(paced_uploads(pool, data, 0.9 * before, stop))
+                loaded = await asyncio.to_thread(
+                    in_process_limit, data, seconds, workers, Path(scratch)
+                )
+                stop.set()
+                count = await sending
+                receiving = (tree_cpu(server.process.pid)[0] - server_before) / count * 1e3
+                client = (own_cpu() - client_before) / count * 1e3
+                after = await asyncio.to_thread(
+                    in_process_limit, data, seconds, workers, Path(scratch)
+                )
+                limit = (before + after) / 2
+                print(
+                    f"{name:<11} {receiving:9.2f} {client:9.2f} {limit:8.1f} "
+                    f"{loaded:9.1f} {loaded / limit:8.2f}"
+                )
     finally:
         pool.close()
         await server.stop()
