@@ -22,7 +22,14 @@ from asgilook_aiohttp.store import INDEX_FILE
 from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL, Thumbnails
 
 import samples
-from checks import Client, ClientFactory, assert_problem, lose_every_worker
+from checks import (
+    Client,
+    ClientFactory,
+    assert_problem,
+    lose_every_worker,
+    stored_files,
+    until,
+)
 
 
 async def upload(client: Client, image: Image.Image, fmt: str = "PNG", **options: Any) -> Any:
@@ -35,6 +42,9 @@ async def upload(client: Client, image: Image.Image, fmt: str = "PNG", **options
 async def upload_photo(client: Client, seed: int) -> Any:
     """A 2000x1500 photo; its largest thumbnail is about 225 kB."""
     return await upload(client, samples.photo((2000, 1500), seed), "JPEG", quality=90)
+
+
+SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 
 
 def thumbnail_files(storage: Path) -> list[Path]:
@@ -112,6 +122,61 @@ async def test_a_thumbnail_no_worker_can_make_is_503_and_leaves_nothing(
     assert int(response.headers["Retry-After"]) > 0
     assert thumbnail_files(storage) == []
     assert_thumbnail_rows_name_the_files(storage)
+
+
+async def test_a_thumbnail_while_the_queue_is_full_is_503_and_made_later(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(workers=1, queue_size=1)
+    image = await upload(client, samples.photo((640, 480)))
+    running = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
+    await until(lambda: client.app[STORE].converter.busy == 1)
+    queued = asyncio.create_task(client.post("/images", data=io.BytesIO(SMALL_PNG)))
+    await until(lambda: client.app[STORE].converter.waiting == 1)
+
+    response = await client.get(image["thumbnails"][0])
+    await assert_problem(response, 503, "queue-full")
+    assert int(response.headers["Retry-After"]) > 0
+    assert thumbnail_files(storage) == []
+    assert_thumbnail_rows_name_the_files(storage)
+
+    assert (await running).status == 201
+    assert (await queued).status == 201
+    later = await client.get(image["thumbnails"][0])
+    assert later.status == 200
+    assert samples.decode(await later.read()).size == (320, 240)
+
+
+async def test_a_thumbnail_over_the_time_limit_is_503_and_leaves_nothing(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    uploader = await make_client()
+    image = await upload(uploader, samples.photo((4000, 3000)), "JPEG", quality=90)
+    stored = stored_files(storage)
+    await uploader.close()
+    # Making the 2000x1500 thumbnail of a 12 MP photo takes tens of milliseconds.
+    client = await make_client(conversion_timeout=0.01)
+    response = await client.get(image["thumbnails"][0])
+    body = await assert_problem(response, 503, "conversion-timeout")
+    assert "longer than 0.01 s" in body["detail"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert stored_files(storage) == stored
+    assert_thumbnail_rows_name_the_files(storage)
+
+
+async def test_thumbnails_of_a_rotated_photo_are_upright(client: Client) -> None:
+    # Orientation 6: the camera was turned a quarter clockwise; red ends up on top.
+    image = await upload(
+        client, samples.two_tone((400, 200)), "JPEG", exif=samples.exif_with_gps(6)
+    )
+    assert image["size"] == [200, 400]
+    assert image["thumbnails"] == [f"/thumbnails/{image['id']}/100x200.jpeg"]
+    thumbnail = samples.decode(await (await client.get(image["thumbnails"][0])).read())
+    assert thumbnail.size == (100, 200)
+    top: Any = thumbnail.getpixel((50, 40))
+    bottom: Any = thumbnail.getpixel((50, 160))
+    assert top[0] > 180  # red
+    assert bottom[2] > 180  # blue
 
 
 async def test_made_once_then_served_from_storage(client: Client, storage: Path) -> None:
