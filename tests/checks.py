@@ -139,4 +139,7 @@ async def _parsed(response: ClientResponse) -> Metrics:
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+    """One series' value; a series the server does not report fails the test."""
+    series = (name, tuple(sorted(labels.items())))
+    assert series in metrics, f"no series {name} {labels} in /metrics"
+    return metrics[series]
