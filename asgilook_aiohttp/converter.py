@@ -22,6 +22,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -86,6 +87,9 @@ class _Lane:
         self._handed: dict[asyncio.Future[Any], concurrent.futures.Future[Any]] = {}
         self._stopped = False
         self.pid: int | None = None
+        # Readable once the worker has exited, before anyone has reaped it (None where
+        # pidfds are not supported): until reaped, the executor takes jobs for it.
+        self._exit_fd: int | None = None
         self.killed = False
         # Each start is a new generation: news of a job from an earlier one is stale.
         self.generation = 0
@@ -118,6 +122,8 @@ class _Lane:
         loop = asyncio.get_running_loop()
         # Starting the process now, not at the first upload, also tells us its pid.
         self.pid = await loop.run_in_executor(self._executor, os.getpid)
+        with contextlib.suppress(OSError):  # Linux before 5.3, or it is gone already
+            self._exit_fd = os.pidfd_open(self.pid)
 
     async def submit(
         self, fn: Callable[..., T], *args: Any
@@ -160,6 +166,9 @@ class _Lane:
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        if self._exit_fd is not None:
+            os.close(self._exit_fd)
+            self._exit_fd = None
         self.pid = None
         self.killed = False  # whatever was killed is gone now
 
@@ -167,6 +176,10 @@ class _Lane:
         """Its process runs and it has not been killed (its replacement is under way)."""
         if self._executor is None or self.pid is None or self.killed:
             return False
+        if self._exit_fd is not None:
+            poll = select.poll()  # not select(), which fails on descriptors past 1023
+            poll.register(self._exit_fd, select.POLLIN)
+            return not poll.poll(0)
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -62,6 +63,33 @@ async def test_an_idle_worker_that_died_is_replaced_and_ready(client: Client) ->
     (replacement,) = converter.worker_pids()
     assert replacement != worker
     assert process_exists(replacement)
+
+
+async def test_an_upload_while_a_dead_idle_worker_is_unreaped_succeeds(client: Client) -> None:
+    (worker,) = client.app[STORE].converter.worker_pids()
+    forkserver = _parent(worker)
+    # The forkserver reaps its children: stopped, it leaves the killed worker a zombie,
+    # which the executor still takes jobs for and which still answers kill(pid, 0).
+    os.kill(forkserver, signal.SIGSTOP)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        await until(lambda: _state(worker) == "Z")
+        upload = asyncio.create_task(
+            client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
+        )
+        await until(lambda: client.app[STORE].converter.busy == 1)
+        await asyncio.sleep(0.1)  # time to hand the job to the dead worker, if it would
+    finally:
+        os.kill(forkserver, signal.SIGCONT)
+    assert (await upload).status == 201
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 async def test_an_upload_after_an_idle_worker_died_succeeds(client: Client) -> None:
