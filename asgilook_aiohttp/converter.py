@@ -163,12 +163,14 @@ class _Lane:
             await self._stop()
 
     async def _stop(self) -> None:
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
-        if self._exit_fd is not None:
-            os.close(self._exit_fd)
-            self._exit_fd = None
+        exit_fd, self._exit_fd = self._exit_fd, None
+        try:
+            if self._executor is not None:
+                executor, self._executor = self._executor, None
+                await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
         self.pid = None
         self.killed = False  # whatever was killed is gone now
 

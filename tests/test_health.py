@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import shutil
 import signal
 from pathlib import Path
@@ -70,10 +71,11 @@ async def test_an_upload_while_a_dead_idle_worker_is_unreaped_succeeds(client: C
     forkserver = _parent(worker)
     # The forkserver reaps its children: stopped, it leaves the killed worker a zombie,
     # which the executor still takes jobs for and which still answers kill(pid, 0).
+    exited = os.pidfd_open(worker)
     os.kill(forkserver, signal.SIGSTOP)
     try:
         os.kill(worker, signal.SIGKILL)
-        await until(lambda: _state(worker) == "Z")
+        await until(lambda: _has_exited(exited) and _state(worker) == "Z")
         upload = asyncio.create_task(
             client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
         )
@@ -81,7 +83,15 @@ async def test_an_upload_while_a_dead_idle_worker_is_unreaped_succeeds(client: C
         await asyncio.sleep(0.1)  # time to hand the job to the dead worker, if it would
     finally:
         os.kill(forkserver, signal.SIGCONT)
+        os.close(exited)
     assert (await upload).status == 201
+
+
+def _has_exited(pidfd: int) -> bool:
+    """Every thread of the process has exited (reaped or not)."""
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _parent(pid: int) -> int:
