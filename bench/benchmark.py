@@ -78,11 +78,12 @@ def in_process_limit(data: bytes, seconds: float, workers: int, output: Path) ->
     """Images per second when ``workers`` processes do nothing but this conversion,
     storing their JPEGs in ``output``.
 
-    The JPEGs are emptied afterwards but not removed, so ``output`` should live as long
-    as the benchmark: on ext4 without a journal, creating a file steps over each inode
-    of its group freed in the last minutes (the kernel's ``recently_deleted``). On the
-    development VM, after a few thousand removals, creating a file cost 0.5-0.8 ms of
-    CPU instead of 0.03-0.07, for the limit and for the server alike.
+    The JPEGs are emptied afterwards but not removed (until then, 12 MP ones take about
+    0.7 GB at ``--seconds 4``), so ``output`` should live as long as the upload runs: on
+    ext4 without a journal, creating a file steps over each inode of its group freed in
+    the last minutes (the kernel's ``recently_deleted``). On the development VM, after a
+    few thousand removals, creating a file cost 0.5-0.8 ms of CPU instead of 0.03-0.07,
+    for the limit and for the server alike.
     """
     output.mkdir(exist_ok=True)
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(data,)) as pool:
