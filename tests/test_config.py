@@ -42,21 +42,43 @@ def test_environment_sets_every_setting() -> None:
         "ASGILOOK_MIN_THUMBNAIL_SIDE": "32",
         "ASGILOOK_JPEG_QUALITY": "80",
         "ASGILOOK_SHUTDOWN_TIMEOUT": "5",
+        "ASGILOOK_UPLOAD_MEMORY_MB": "16",
+        "ASGILOOK_THUMBNAIL_BUDGET_MB": "64",
+        "ASGILOOK_UNIX_PATH": "/run/asgilook.sock",
+        "ASGILOOK_LOG_FORMAT": "json",
     }
-    assert Config.from_sources([], env) == Config(
-        host="::1",
-        port=9000,
-        storage_path=Path("/srv/images"),
-        workers=3,
-        queue_size=0,
-        conversion_timeout=2.5,
-        worker_memory_mb=512,
-        max_upload_bytes=1000,
-        max_pixels=2000,
-        min_thumbnail_side=32,
-        jpeg_quality=80,
-        shutdown_timeout=5.0,
-    )
+    assert Config.from_sources([], env) == _EVERY_SETTING_CHANGED
+
+
+def test_flags_set_every_setting() -> None:
+    flags = [
+        *("--host", "::1", "--port", "9000", "--storage", "/srv/images", "--workers", "3"),
+        *("--queue-size", "0", "--conversion-timeout", "2.5", "--worker-memory-mb", "512"),
+        *("--max-upload-bytes", "1000", "--max-pixels", "2000", "--min-thumbnail-side", "32"),
+        *("--jpeg-quality", "80", "--shutdown-timeout", "5", "--upload-memory-mb", "16"),
+        *("--thumbnail-budget-mb", "64", "--unix", "/run/asgilook.sock", "--log-format", "json"),
+    ]
+    assert Config.from_sources(flags, {}) == _EVERY_SETTING_CHANGED
+
+
+_EVERY_SETTING_CHANGED = Config(
+    host="::1",
+    port=9000,
+    storage_path=Path("/srv/images"),
+    workers=3,
+    queue_size=0,
+    conversion_timeout=2.5,
+    worker_memory_mb=512,
+    max_upload_bytes=1000,
+    max_pixels=2000,
+    min_thumbnail_side=32,
+    jpeg_quality=80,
+    shutdown_timeout=5.0,
+    upload_memory_mb=16,
+    thumbnail_budget_mb=64,
+    unix_path=Path("/run/asgilook.sock"),
+    log_format="json",
+)
 
 
 def test_every_setting_has_a_flag_and_a_variable(capsys: pytest.CaptureFixture[str]) -> None:
