@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import signal
 import sqlite3
@@ -18,11 +19,32 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from asgilook_aiohttp import converter
+from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.keys import STORE
 from asgilook_aiohttp.store import INDEX_FILE
 
+import samples
+
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[..., Awaitable[Client]]
+
+
+def converter_of(client: Client) -> Converter:
+    return client.app[STORE].converter
+
+
+async def wait_until_busy(pool: Converter, workers: int = 1) -> None:
+    await until(lambda: pool.busy >= workers)
+
+
+async def fill_the_queue(client: Client) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """For an app with one worker and room for one upload in its queue: a slow upload
+    converting and a small one queued, both still to be answered."""
+    running = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
+    await wait_until_busy(converter_of(client))
+    queued = asyncio.create_task(client.post("/images", data=samples.small_png()))
+    await until(lambda: converter_of(client).waiting == 1)
+    return running, queued
 
 
 async def lose_every_worker(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,7 +54,7 @@ async def lose_every_worker(client: Client, monkeypatch: pytest.MonkeyPatch) -> 
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     monkeypatch.setattr(converter, "ProcessPoolExecutor", cannot_fork)
-    pids = client.app[STORE].converter.worker_pids()
+    pids = converter_of(client).worker_pids()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     await until(lambda: not any(process_exists(pid) for pid in pids))

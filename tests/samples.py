@@ -50,6 +50,12 @@ def photo(size: tuple[int, int] = (4000, 3000), seed: int = 0) -> Image.Image:
 
 
 @functools.cache
+def small_png() -> bytes:
+    """The 64x48 two-tone image as a PNG: an upload that converts in a moment."""
+    return encode(two_tone(), "PNG")
+
+
+@functools.cache
 def slow_png() -> bytes:
     """A 12-megapixel PNG: about half a second of work for a worker."""
     return encode(photo((4000, 3000)), "PNG", compress_level=1)

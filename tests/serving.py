@@ -96,16 +96,20 @@ async def running(storage: Path, *flags: str) -> AsyncIterator[Server]:
         assert await server.exit_code() == 0
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the parenthesised command name: state, ppid,
+    pgrp, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def processes_in_group(pgid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                fields = proc_stat(int(entry.name))
             except OSError:
                 continue
-            # Fields after the parenthesised command name: state, ppid, pgrp, ...
-            fields = stat.rsplit(")", 1)[1].split()
             if int(fields[2]) == pgid and fields[0] != "Z":
                 found.append(int(entry.name))
     return found

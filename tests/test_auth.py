@@ -12,7 +12,6 @@ import samples
 from checks import Client, ClientFactory, assert_problem, bearer, index_rows
 
 WRITE_TOKEN = "write-token-for-tests"
-PNG = samples.encode(samples.two_tone(), "PNG")
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ async def guarded(make_client: ClientFactory) -> Client:
 
 
 async def upload(client: Client, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    response = await client.post("/images", data=PNG, headers=headers or {})
+    response = await client.post("/images", data=samples.small_png(), headers=headers or {})
     assert response.status == 201
     image: dict[str, Any] = await response.json()
     return image
@@ -36,12 +35,16 @@ async def test_open_uploads_without_a_write_token(client: Client) -> None:
 
 
 async def test_uploads_need_the_write_token_when_one_is_set(guarded: Client, storage: Path) -> None:
-    response = await guarded.post("/images", data=PNG)
+    response = await guarded.post("/images", data=samples.small_png())
     await assert_problem(response, 401, "unauthorized")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    await assert_problem(await guarded.post("/images", data=PNG, headers=bearer("wrong")), 403)
+    await assert_problem(
+        await guarded.post("/images", data=samples.small_png(), headers=bearer("wrong")), 403
+    )
     basic = {"Authorization": f"Basic {WRITE_TOKEN}"}
-    await assert_problem(await guarded.post("/images", data=PNG, headers=basic), 401)
+    await assert_problem(
+        await guarded.post("/images", data=samples.small_png(), headers=basic), 401
+    )
     assert index_rows(storage) == (0, 0)  # refused before any id was journaled
     await upload(guarded, bearer(WRITE_TOKEN))
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from asgilook_aiohttp.converter import ConversionTimedOut, Converter, QueueFull, WorkerLost
-from asgilook_aiohttp.keys import STORE
+from asgilook_aiohttp.converter import ConversionTimedOut, QueueFull, WorkerLost
 
 import samples
 from checks import (
@@ -21,14 +20,15 @@ from checks import (
     ClientFactory,
     assert_nothing_stored,
     assert_problem,
+    converter_of,
+    fill_the_queue,
     lose_every_worker,
     process_exists,
     scrape,
     until,
     value,
+    wait_until_busy,
 )
-
-SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
 
 
 def _wait_for(path: str) -> None:
@@ -42,34 +42,26 @@ def _pid_after(seconds: float) -> int:
     return os.getpid()
 
 
-def converter(client: Client) -> Converter:
-    return client.app[STORE].converter
-
-
-async def wait_until_busy(pool: Converter, workers: int = 1) -> None:
-    await until(lambda: pool.busy >= workers)
-
-
 async def test_conversion_runs_in_a_worker_process(client: Client) -> None:
-    pids = converter(client).worker_pids()
+    pids = converter_of(client).worker_pids()
     assert len(pids) == 1
     assert os.getpid() not in pids
     assert process_exists(pids[0])
-    before = converter(client).jobs_started
-    assert (await client.post("/images", data=SMALL_PNG)).status == 201
-    assert converter(client).jobs_started == before + 1
-    assert converter(client).worker_pids() == pids
+    before = converter_of(client).jobs_started
+    assert (await client.post("/images", data=samples.small_png())).status == 201
+    assert converter_of(client).jobs_started == before + 1
+    assert converter_of(client).worker_pids() == pids
 
 
 async def test_worker_count_is_configurable(make_client: ClientFactory) -> None:
     client = await make_client(workers=3)
-    assert len(set(converter(client).worker_pids())) == 3
+    assert len(set(converter_of(client).worker_pids())) == 3
 
 
 async def test_worker_killed_mid_job_costs_only_that_upload(client: Client, storage: Path) -> None:
     upload = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
-    await wait_until_busy(converter(client))
-    (victim,) = converter(client).worker_pids()
+    await wait_until_busy(converter_of(client))
+    (victim,) = converter_of(client).worker_pids()
     os.kill(victim, signal.SIGKILL)
 
     response = await upload
@@ -79,9 +71,9 @@ async def test_worker_killed_mid_job_costs_only_that_upload(client: Client, stor
     assert_nothing_stored(storage)
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
-    retry = await client.post("/images", data=SMALL_PNG)
+    retry = await client.post("/images", data=samples.small_png())
     assert retry.status == 201
-    (replacement,) = converter(client).worker_pids()
+    (replacement,) = converter_of(client).worker_pids()
     assert replacement != victim
 
 
@@ -91,8 +83,8 @@ async def test_other_workers_keep_their_jobs_when_one_dies(make_client: ClientFa
         asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
         for _ in range(2)
     ]
-    await wait_until_busy(converter(client), workers=2)
-    victim = converter(client).worker_pids()[0]
+    await wait_until_busy(converter_of(client), workers=2)
+    victim = converter_of(client).worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     statuses = sorted([(await upload).status for upload in uploads])
     assert statuses == [201, 503]
@@ -101,10 +93,10 @@ async def test_other_workers_keep_their_jobs_when_one_dies(make_client: ClientFa
 async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_all_the_same(
     client: Client, storage: Path
 ) -> None:
-    pool = converter(client)
+    pool = converter_of(client)
     stuck = asyncio.create_task(pool.run(time.sleep, 30))
     await wait_until_busy(pool)
-    behind = asyncio.create_task(client.post("/images", data=SMALL_PNG))
+    behind = asyncio.create_task(client.post("/images", data=samples.small_png()))
     await until(lambda: pool.waiting == 1)  # handed to the busy worker, behind the job
     (victim,) = pool.worker_pids()
     os.kill(victim, signal.SIGKILL)
@@ -125,7 +117,7 @@ async def test_upload_handed_ahead_to_a_worker_that_dies_is_converted_all_the_sa
 async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
     make_client: ClientFactory,
 ) -> None:
-    pool = converter(await make_client(conversion_timeout=2))
+    pool = converter_of(await make_client(conversion_timeout=2))
     (stuck_worker,) = pool.worker_pids()
     stuck = asyncio.create_task(pool.run(time.sleep, 30))
     await wait_until_busy(pool)
@@ -142,7 +134,7 @@ async def test_job_handed_ahead_runs_after_the_one_before_it_times_out(
 async def test_time_limit_of_a_job_handed_ahead_runs_from_its_own_start(
     make_client: ClientFactory,
 ) -> None:
-    pool = converter(await make_client(conversion_timeout=1.8))
+    pool = converter_of(await make_client(conversion_timeout=1.8))
     (worker,) = pool.worker_pids()
     # One worker: the second job waits for the first, 2 s in all, each within 1.8 s.
     first, second = await asyncio.gather(pool.run(_pid_after, 1), pool.run(_pid_after, 1))
@@ -153,7 +145,7 @@ async def test_time_limit_of_a_job_handed_ahead_runs_from_its_own_start(
 async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    pool = converter(await make_client(queue_size=0))
+    pool = converter_of(await make_client(queue_size=0))
     gate = tmp_path / "gate"
     running = asyncio.create_task(pool.run(_wait_for, str(gate)))
     await wait_until_busy(pool)
@@ -166,7 +158,7 @@ async def test_without_a_queue_a_busy_worker_is_handed_nothing_more(
 async def test_a_line_of_jobs_drains_and_leaves_the_workers_free(
     make_client: ClientFactory,
 ) -> None:
-    pool = converter(await make_client(workers=2))
+    pool = converter_of(await make_client(workers=2))
     async with asyncio.timeout(30):  # a job left in line would wait for ever
         # Equal jobs on two workers finish together, freeing both in one turn of the loop.
         for _ in range(3):
@@ -178,7 +170,7 @@ async def test_a_line_of_jobs_drains_and_leaves_the_workers_free(
 async def test_a_job_cancelled_while_waiting_in_line_leaves_it(
     make_client: ClientFactory, tmp_path: Path
 ) -> None:
-    pool = converter(await make_client())
+    pool = converter_of(await make_client())
     gate = tmp_path / "gate"
     running = asyncio.create_task(pool.run(_wait_for, str(gate)))
     await wait_until_busy(pool)
@@ -196,7 +188,7 @@ async def test_a_job_cancelled_while_waiting_in_line_leaves_it(
 
 
 async def test_idle_workers_are_handed_jobs_before_busy_ones(make_client: ClientFactory) -> None:
-    pool = converter(await make_client(workers=2))
+    pool = converter_of(await make_client(workers=2))
     pids = await asyncio.gather(*(pool.run(_pid_after, 0.3) for _ in range(2)))
     assert sorted(pids) == sorted(pool.worker_pids())
 
@@ -207,7 +199,7 @@ async def test_uploads_fail_at_once_when_no_worker_can_be_started(
     client = await make_client(workers=2)
     await lose_every_worker(client, monkeypatch)
 
-    uploads = [client.post("/images", data=SMALL_PNG) for _ in range(6)]
+    uploads = [client.post("/images", data=samples.small_png()) for _ in range(6)]
     async with asyncio.timeout(20):
         responses = await asyncio.gather(*uploads)
     for response in responses:
@@ -219,7 +211,7 @@ async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     make_client: ClientFactory, storage: Path
 ) -> None:
     client = await make_client(conversion_timeout=0.05)
-    (slow_worker,) = converter(client).worker_pids()
+    (slow_worker,) = converter_of(client).worker_pids()
     response = await client.post("/images", data=io.BytesIO(samples.slow_png()))
     body = await assert_problem(response, 503, "conversion-timeout")
     assert "longer than 0.05 s" in body["detail"]
@@ -227,19 +219,16 @@ async def test_conversion_over_the_time_limit_is_503_and_the_worker_replaced(
     assert_nothing_stored(storage)
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
-    await until(lambda: not process_exists(slow_worker) and not converter(client).busy)
+    await until(lambda: not process_exists(slow_worker) and not converter_of(client).busy)
     tiny = samples.encode(Image.new("RGB", (8, 8)), "PNG")
     assert (await client.post("/images", data=tiny)).status == 201
 
 
 async def test_full_queue_is_503_at_once(make_client: ClientFactory, storage: Path) -> None:
     client = await make_client(workers=1, queue_size=1)
-    running = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
-    await wait_until_busy(converter(client))
-    queued = asyncio.create_task(client.post("/images", data=SMALL_PNG))
-    await until(lambda: converter(client).waiting == 1)
+    running, queued = await fill_the_queue(client)
 
-    refused = await client.post("/images", data=SMALL_PNG)
+    refused = await client.post("/images", data=samples.small_png())
     body = await assert_problem(refused, 503, "queue-full")
     assert "busy" in body["detail"]
     assert "Retry-After" in refused.headers
@@ -255,11 +244,11 @@ async def test_image_needing_more_memory_than_a_worker_may_use_is_413(
     make_client: ClientFactory, storage: Path
 ) -> None:
     client = await make_client(worker_memory_mb=160)
-    (worker,) = converter(client).worker_pids()
+    (worker,) = converter_of(client).worker_pids()
     # 36 megapixels, under the pixel limit, but about 150 MB per decoded copy.
     data = samples.encode(Image.new("RGB", (6000, 6000), samples.RED), "PNG")
     body = await assert_problem(await client.post("/images", data=data), 413, "too-much-memory")
     assert "memory" in body["detail"]
     assert_nothing_stored(storage)
-    assert converter(client).worker_pids() == [worker]
-    assert (await client.post("/images", data=SMALL_PNG)).status == 201
+    assert converter_of(client).worker_pids() == [worker]
+    assert (await client.post("/images", data=samples.small_png())).status == 201

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from asgilook_aiohttp.index import Index
-from asgilook_aiohttp.keys import STORE
 from asgilook_aiohttp.store import INDEX_FILE, SPARE_IDS
 
 import samples
@@ -19,10 +18,12 @@ from checks import (
     assert_nothing_stored,
     assert_problem,
     bearer,
+    converter_of,
     image_object,
     index_rows,
     stored_files,
     until,
+    wait_until_busy,
 )
 
 
@@ -73,15 +74,14 @@ async def test_a_thumbnail_being_made_does_not_bring_files_back(
     client: Client, storage: Path
 ) -> None:
     image = await upload(client, (4000, 3000))
-    converter = client.app[STORE].converter
     making = asyncio.create_task(client.get(image["thumbnails"][0]))
-    await until(lambda: converter.busy == 1)
+    await wait_until_busy(converter_of(client))
     deleting = await client.delete(f"/images/{image['id']}", headers=bearer(image["delete_token"]))
     assert deleting.status == 204
 
     response = await making
     await assert_problem(response, 404)
-    await until(lambda: converter.busy == 0)
+    await until(lambda: converter_of(client).busy == 0)
     assert_nothing_stored(storage)
 
 

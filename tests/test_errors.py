@@ -37,7 +37,7 @@ async def test_unknown_or_malformed_paths_are_404(client: Client, path: str) -> 
 
 
 async def test_malformed_form_of_a_stored_id_is_404(client: Client) -> None:
-    response = await client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
+    response = await client.post("/images", data=samples.small_png())
     image_id = (await response.json())["id"]
     await assert_problem(await client.get(f"/images/{image_id.upper()}.jpeg"), 404)
     await assert_problem(await client.get(f"/images/{{{image_id}}}"), 404)
@@ -104,7 +104,7 @@ async def test_form_with_too_many_parts_is_400(client: Client, storage: Path) ->
     form = aiohttp.FormData(default_to_multipart=True)
     for number in range(40):
         form.add_field(f"field{number}", "x")
-    form.add_field("image", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
+    form.add_field("image", samples.small_png(), filename="a.png")
     body = await assert_problem(await client.post("/images", data=form), 400, "malformed-body")
     assert "more than 32 parts" in body["detail"]
     assert_nothing_stored(storage)
@@ -204,7 +204,7 @@ async def test_multipart_over_the_limit_after_a_file_part_is_413(
 ) -> None:
     client = await make_client(max_upload_bytes=200_000)
     form = aiohttp.FormData()
-    form.add_field("first", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
+    form.add_field("first", samples.small_png(), filename="a.png")
     form.add_field("image", io.BytesIO(b"\0" * 300_000), filename="b.png")
     await assert_problem(await client.post("/images", data=form), 413, "too-large")
     assert_nothing_stored(storage)
@@ -212,9 +212,9 @@ async def test_multipart_over_the_limit_after_a_file_part_is_413(
 
 async def test_nested_multipart_is_400(client: Client, storage: Path) -> None:
     inner = aiohttp.MultipartWriter("mixed")
-    inner.append(samples.encode(samples.two_tone(), "PNG"))
+    inner.append(samples.small_png())
     outer = aiohttp.MultipartWriter("form-data")
-    outer.append(samples.encode(samples.two_tone(), "PNG")).set_content_disposition(
+    outer.append(samples.small_png()).set_content_disposition(
         "form-data", name="photo", filename="a.png"
     )
     outer.append(inner)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from asgilook_aiohttp.keys import STORE
-
 import samples
-from checks import Client, assert_problem, lose_every_worker, process_exists, until
+from checks import Client, assert_problem, converter_of, lose_every_worker, process_exists, until
+from serving import proc_stat
 
 
 async def test_alive(client: Client) -> None:
@@ -56,7 +55,7 @@ async def test_not_ready_while_no_worker_can_run(
 
 
 async def test_an_idle_worker_that_died_is_replaced_and_ready(client: Client) -> None:
-    converter = client.app[STORE].converter
+    converter = converter_of(client)
     (worker,) = converter.worker_pids()
     os.kill(worker, signal.SIGKILL)
     await until(lambda: not process_exists(worker))
@@ -67,19 +66,17 @@ async def test_an_idle_worker_that_died_is_replaced_and_ready(client: Client) ->
 
 
 async def test_an_upload_while_a_dead_idle_worker_is_unreaped_succeeds(client: Client) -> None:
-    (worker,) = client.app[STORE].converter.worker_pids()
-    forkserver = _parent(worker)
+    (worker,) = converter_of(client).worker_pids()
+    forkserver = int(proc_stat(worker)[1])
     # The forkserver reaps its children: stopped, it leaves the killed worker a zombie,
     # which the executor still takes jobs for and which still answers kill(pid, 0).
     exited = os.pidfd_open(worker)
     os.kill(forkserver, signal.SIGSTOP)
     try:
         os.kill(worker, signal.SIGKILL)
-        await until(lambda: _has_exited(exited) and _state(worker) == "Z")
-        upload = asyncio.create_task(
-            client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
-        )
-        await until(lambda: client.app[STORE].converter.busy == 1)
+        await until(lambda: _has_exited(exited) and proc_stat(worker)[0] == "Z")
+        upload = asyncio.create_task(client.post("/images", data=samples.small_png()))
+        await until(lambda: converter_of(client).busy == 1)
         await asyncio.sleep(0.1)  # time to hand the job to the dead worker, if it would
     finally:
         os.kill(forkserver, signal.SIGCONT)
@@ -94,17 +91,9 @@ def _has_exited(pidfd: int) -> bool:
     return bool(poll.poll(0))
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 async def test_an_upload_after_an_idle_worker_died_succeeds(client: Client) -> None:
-    (worker,) = client.app[STORE].converter.worker_pids()
+    (worker,) = converter_of(client).worker_pids()
     os.kill(worker, signal.SIGKILL)
     await until(lambda: not process_exists(worker))
-    response = await client.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
+    response = await client.post("/images", data=samples.small_png())
     assert response.status == 201

@@ -60,9 +60,7 @@ async def test_startup_sweeps_what_an_interrupted_upload_left(
 
 async def test_sweep_keeps_complete_images(make_client: ClientFactory, storage: Path) -> None:
     first = await make_client()
-    image = await (
-        await first.post("/images", data=samples.encode(samples.two_tone(), "PNG"))
-    ).json()
+    image = await (await first.post("/images", data=samples.small_png())).json()
     await first.close()
     write_durably(Blobs(storage).staging_path(".upload"), b"stray")
 
@@ -78,7 +76,7 @@ async def test_ids_are_journaled_ahead_and_each_is_cleared_once_used(
     make_client: ClientFactory, storage: Path
 ) -> None:
     client = await make_client()
-    png = samples.encode(samples.two_tone(), "PNG")
+    png = samples.small_png()
     assert index_rows(storage) == (0, 0)
     assert (await client.post("/images", data=png)).status == 201
     assert index_rows(storage) == (1, SPARE_IDS - 1)  # a batch journaled, one id used

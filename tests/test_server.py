@@ -37,7 +37,7 @@ async def test_serves_then_exits_0_on_signal_leaving_no_processes(
     tmp_path: Path, session: aiohttp.ClientSession, signum: int
 ) -> None:
     server = await start_server(tmp_path / "storage")
-    image = await upload(session, server, samples.encode(samples.two_tone(), "PNG"))
+    image = await upload(session, server, samples.small_png())
     assert await download(session, server, image["image"])
     server.signal(signum)
     assert await server.exit_code() == 0
@@ -50,7 +50,7 @@ async def test_the_console_script_serves_like_run_py(
 ) -> None:
     script = Path(sys.executable).parent / "asgilook-aiohttp"
     server = await start_server(tmp_path / "storage", program=(str(script),))
-    image = await upload(session, server, samples.encode(samples.two_tone(), "PNG"))
+    image = await upload(session, server, samples.small_png())
     assert await download(session, server, image["image"])
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0

@@ -74,7 +74,7 @@ async def test_upload_to_a_full_disk_is_507_and_leaves_nothing(
     await assert_problem(response, 507, "storage-full")
     assert "Retry-After" in response.headers
     assert_nothing_stored(storage)
-    small = samples.encode(samples.two_tone(), "PNG")
+    small = samples.small_png()
     assert (await client.post("/images", data=small)).status == 201
 
 

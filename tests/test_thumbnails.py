@@ -17,7 +17,6 @@ from asgilook_aiohttp.blobs import Blobs, Placement, place_durably
 from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.imaging import Converted
 from asgilook_aiohttp.index import ImageRecord, Index
-from asgilook_aiohttp.keys import STORE
 from asgilook_aiohttp.store import INDEX_FILE
 from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL, Thumbnails
 
@@ -26,9 +25,10 @@ from checks import (
     Client,
     ClientFactory,
     assert_problem,
+    converter_of,
+    fill_the_queue,
     lose_every_worker,
     stored_files,
-    until,
 )
 
 
@@ -44,15 +44,12 @@ async def upload_photo(client: Client, seed: int) -> Any:
     return await upload(client, samples.photo((2000, 1500), seed), "JPEG", quality=90)
 
 
-SMALL_PNG = samples.encode(samples.two_tone(), "PNG")
-
-
 def thumbnail_files(storage: Path) -> list[Path]:
     return sorted((storage / "thumbnails").rglob("*.jpeg"))
 
 
 def conversions(client: Client) -> int:
-    return client.app[STORE].converter.jobs_started
+    return converter_of(client).jobs_started
 
 
 @pytest.mark.parametrize(
@@ -129,10 +126,7 @@ async def test_a_thumbnail_while_the_queue_is_full_is_503_and_made_later(
 ) -> None:
     client = await make_client(workers=1, queue_size=1)
     image = await upload(client, samples.photo((640, 480)))
-    running = asyncio.create_task(client.post("/images", data=io.BytesIO(samples.slow_png())))
-    await until(lambda: client.app[STORE].converter.busy == 1)
-    queued = asyncio.create_task(client.post("/images", data=io.BytesIO(SMALL_PNG)))
-    await until(lambda: client.app[STORE].converter.waiting == 1)
+    running, queued = await fill_the_queue(client)
 
     response = await client.get(image["thumbnails"][0])
     await assert_problem(response, 503, "queue-full")

@@ -207,8 +207,8 @@ async def test_multipart_chooses_the_image_part(
 
 async def test_multipart_leaves_only_the_stored_image(client: Client, storage: Path) -> None:
     form = aiohttp.FormData()
-    form.add_field("first", samples.encode(samples.two_tone(), "PNG"), filename="a.png")
-    form.add_field("image", samples.encode(samples.two_tone(), "PNG"), filename="b.png")
+    form.add_field("first", samples.small_png(), filename="a.png")
+    form.add_field("image", samples.small_png(), filename="b.png")
     response = await client.post("/images", data=form)
     image = await response.json()
     assert stored_files(storage) == [
@@ -227,13 +227,13 @@ async def test_a_replaced_part_that_cannot_be_removed_still_lets_the_next_one_go
     monkeypatch.setattr(Blobs, "discard", cannot_remove)
     form = aiohttp.FormData()
     form.add_field("attachment", io.BytesIO(os.urandom(2 * 1024 * 1024)), filename="big.bin")
-    form.add_field("image", io.BytesIO(samples.encode(samples.two_tone(), "PNG")), filename="b")
+    form.add_field("image", io.BytesIO(samples.small_png()), filename="b")
     await assert_problem(await client.post("/images", data=form), 500)
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
 
 
 async def test_content_type_of_a_raw_upload_does_not_matter(client: Client) -> None:
-    data = samples.encode(samples.two_tone(), "PNG")
+    data = samples.small_png()
     image, _ = await upload_and_fetch(client, data, headers={"Content-Type": "text/plain"})
     assert image["size"] == [64, 48]
 
@@ -362,7 +362,7 @@ async def test_a_body_that_outgrows_the_memory_lets_go_of_it_while_it_still_arri
     await until(lambda: staged_bytes(storage) == 1_100_000)  # all that was sent so far
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0
     # The memory is free for the next upload meanwhile.
-    small = samples.encode(samples.two_tone(), "PNG")
+    small = samples.small_png()
     assert (await client.post("/images", data=small)).status == 201
     assert written == ["stage"]
     go_on.set()
