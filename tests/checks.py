@@ -89,11 +89,15 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
             await asyncio.sleep(0.005)
 
 
-async def until_metric(source: MetricsSource, name: str, wanted: Callable[[float], bool]) -> None:
-    """Wait for a value the server reports on /metrics to be as ``wanted``."""
+async def until_metric(
+    source: MetricsSource, name: str, wanted: Callable[[float], bool]
+) -> Metrics:
+    """Wait for a value the server reports on /metrics to be as ``wanted``; return the
+    metrics read then."""
     async with asyncio.timeout(30):
-        while not wanted(value(await scrape(source), name)):  # noqa: ASYNC110 - nor here
+        while not wanted(value(metrics := await scrape(source), name)):  # noqa: ASYNC110 - nor here
             await asyncio.sleep(0.005)
+    return metrics
 
 
 def process_exists(pid: int) -> bool:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +22,20 @@ class Server:
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
+
+    async def until_not_listening(self) -> None:
+        """Wait until the server refuses new connections, the first thing it does on a stop
+        signal."""
+        address = urlsplit(self.url)
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection(address.hostname, address.port)
+                except (ConnectionRefusedError, ConnectionResetError):  # reset: closed meanwhile
+                    return
+                writer.close()
+                await writer.wait_closed()
+                await asyncio.sleep(0.005)
 
     async def exit_code(self) -> int:
         async with asyncio.timeout(30):

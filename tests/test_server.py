@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 import samples
-from checks import image_object, staged_bytes, stored_files, until, until_metric
+from checks import staged_bytes, stored_files, until, until_metric
 from serving import ROOT, Server, processes_in_group, running, start_server
 
 
@@ -54,30 +54,6 @@ async def test_the_console_script_serves_like_run_py(
     assert await download(session, server, image["image"])
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_a_stop_signal_lets_an_upload_in_flight_finish(
-    tmp_path: Path, session: aiohttp.ClientSession, signum: signal.Signals
-) -> None:
-    storage = tmp_path / "storage"
-    server = await start_server(storage)
-    data = samples.encode(samples.photo((800, 600)), "PNG")
-
-    async def body_interrupted_by_the_signal() -> AsyncIterator[bytes]:
-        yield data[:1000]
-        await until_metric((session, server.url), "asgilook_upload_bytes_in_memory", bool)
-        server.signal(signum)
-        await asyncio.sleep(0.2)
-        yield data[1000:]
-
-    async with session.post(f"{server.url}/images", data=body_interrupted_by_the_signal()) as reply:
-        assert reply.status == 201
-        image = image_object(await reply.json())
-    assert await server.exit_code() == 0
-
-    async with running(storage) as restarted:
-        assert await (await session.get(f"{restarted.url}/images")).json() == [image]
 
 
 async def test_acknowledged_uploads_survive_kill_9(

@@ -153,18 +153,17 @@ async def test_json_logs_carry_the_request_id(
     assert all({"time", "level", "message"} <= line.keys() for line in lines)
 
 
-async def test_sigterm_lets_every_upload_in_flight_finish(
-    tmp_path: Path, session: aiohttp.ClientSession
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+async def test_a_stop_signal_lets_every_upload_in_flight_finish(
+    tmp_path: Path, session: aiohttp.ClientSession, signum: signal.Signals
 ) -> None:
     storage = tmp_path / "storage"
     server = await start_server(storage, "--workers", "2")
     bodies = [samples.encode(samples.photo((1600, 1200), seed), "PNG") for seed in range(3)]
-    started = asyncio.Barrier(len(bodies) + 1)
     signalled = asyncio.Event()
 
     async def slow_body(data: bytes) -> AsyncIterator[bytes]:
         yield data[:65536]
-        await started.wait()  # every upload has begun before the signal
         await signalled.wait()
         yield data[65536:]
 
@@ -174,12 +173,11 @@ async def test_sigterm_lets_every_upload_in_flight_finish(
             return image_object(await response.json())
 
     uploads = [asyncio.create_task(upload(data)) for data in bodies]
-    await started.wait()
-    # ... and the server holds the first piece of every one.
+    # Every upload has begun: the server holds the first piece of each.
     everyone_begun = partial(le, len(bodies) * 65536)
     await until_metric((session, server.url), "asgilook_upload_bytes_in_memory", everyone_begun)
-    server.signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)  # time for the server to stop listening before the rest comes
+    server.signal(signum)
+    await server.until_not_listening()  # the rest comes only once the server is stopping
     signalled.set()
     images = await asyncio.gather(*uploads)
     assert await server.exit_code() == 0
