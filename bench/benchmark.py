@@ -66,12 +66,14 @@ def _start_worker(data: bytes) -> None:
     _upload["data"] = data
 
 
-def _convert_once(output: str) -> None:
-    """A server worker's job for an upload, minus reading the uploaded file."""
+def _convert_once(output: str) -> str:
+    """A server worker's job for an upload, minus reading the uploaded file; the JPEG's
+    path."""
     name = uuid.uuid4().hex
     destination = os.path.join(output, f"{name}.jpeg")
     placement = Placement(os.path.join(output, f"{name}.staging"), destination, cached=False)
     imaging.convert(_upload["data"], placement, 50_000_000, 90)
+    return destination
 
 
 def in_process_limit(data: bytes, seconds: float, workers: int, output: Path) -> float:
@@ -87,15 +89,15 @@ def in_process_limit(data: bytes, seconds: float, workers: int, output: Path) ->
     """
     output.mkdir(exist_ok=True)
     with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(data,)) as pool:
-        list(pool.map(_convert_once, [str(output)] * workers))  # start the processes, warm up
+        stored = list(pool.map(_convert_once, [str(output)] * workers))  # start, warm up
         start = time.perf_counter()
-        list(pool.map(_convert_once, [str(output)] * workers))  # one job each, at once
+        stored += pool.map(_convert_once, [str(output)] * workers)  # one job each, at once
         jobs = max(4 * workers, int(seconds * workers / (time.perf_counter() - start)))
         start = time.perf_counter()
-        list(pool.map(_convert_once, [str(output)] * jobs))
+        stored += pool.map(_convert_once, [str(output)] * jobs)
         rate = jobs / (time.perf_counter() - start)
-    for stored in output.iterdir():
-        os.truncate(stored, 0)
+    for path in stored:
+        os.truncate(path, 0)
     return rate
 
 
