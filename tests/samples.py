@@ -15,6 +15,11 @@ RED = (220, 20, 30)
 BLUE = (20, 40, 210)
 GPS_IFD = 0x8825
 ORIENTATION = 0x0112
+# What a photo may say about where it was taken, besides EXIF: Pillow's JPEG save options.
+PRIVATE_METADATA = {
+    "comment": b"taken at home",
+    "xmp": b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret place</x:xmpmeta>",
+}
 
 
 def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:

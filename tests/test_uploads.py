@@ -130,8 +130,7 @@ async def test_exif_rotation_is_applied_and_metadata_removed(client: Client, sto
         "JPEG",
         quality=95,
         exif=samples.exif_with_gps(6),
-        comment=b"taken at home",
-        xmp=b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret place</x:xmpmeta>",
+        **samples.PRIVATE_METADATA,
     )
     image, stored = await upload_and_fetch(client, data)
     assert image["size"] == [48, 64]
@@ -163,8 +162,7 @@ async def test_upright_jpeg_keeps_its_pixels_and_profile_but_loses_metadata(
         quality=85,
         icc_profile=profile,
         exif=samples.exif_with_gps(1),
-        comment=b"taken at home",
-        xmp=b"<x:xmpmeta xmlns:x='adobe:ns:meta/'>secret place</x:xmpmeta>",
+        **samples.PRIVATE_METADATA,
     )
     _, stored = await upload_and_fetch(client, data)
     assert stored.tobytes() == samples.decode(data).tobytes()
