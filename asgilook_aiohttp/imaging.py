@@ -6,6 +6,7 @@ subclasses, which carry a message meant for the person who sent the image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -13,6 +14,8 @@ import resource
 import select
 import signal
 import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +25,7 @@ from PIL import _imaging as pillow_core
 from . import malloc
 from .arena import Arena, InArena
 from .blobs import Placement, place_durably
-from .jpeg import strip_metadata
+from .jpeg import Jpeg, is_jpeg
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that shows the picture upright.
@@ -36,6 +39,22 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _WHITE = (255, 255, 255)
+_SRGB = ImageCms.createProfile("sRGB")
+# Decoding takes time in proportion to pixels, whatever the size of the file. Any image of
+# up to _FREE_PIXELS is decoded; a larger one only if its file has a byte for every
+# _PIXELS_PER_BYTE pixels, which leaves out nothing but near-empty images: decompression
+# bombs, made to keep a worker busy or its memory full for the cost of a few bytes.
+_FREE_PIXELS = 16_000_000
+_PIXELS_PER_BYTE = 1024
+# A progressive JPEG is decoded by one pass over the image for each scan: encoders write
+# about ten, and libtiff refuses JPEG data with over 100 by default.
+_MAX_JPEG_SCANS = 100
+# Pillow reads a JPEG's headers in Python, one segment, and one byte between segments, at
+# a time: a file of nothing but empty segments or stray bytes would take it seconds.
+_MAX_JPEG_SEGMENTS = 1000
+_MAX_JPEG_STRAY_BYTES = 64 * 1024
+# ICO decodes its largest icon while opening, at whatever size the icon's own header says.
+_DECODED_WHILE_OPENING = ["ICO"]
 # Of Pillow's 16 MiB blocks of image memory.
 _KEPT_IMAGE_BLOCKS = 4
 
@@ -64,6 +83,10 @@ class TooManyPixels(ImageRejected):
 
 class TooMuchMemory(ImageRejected):
     pass
+
+
+class TooComplex(ImageRejected):
+    """Decoding would cost far more than an image of this size ever needs."""
 
 
 class Converted(NamedTuple):
@@ -157,19 +180,26 @@ def make_thumbnail(
 
 
 def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[int, int]]:
-    image = _open(data, max_pixels)
+    layout = _jpeg_layout(data) if is_jpeg(data) else None
+    budget = min(max_pixels, max(_FREE_PIXELS, len(data) * _PIXELS_PER_BYTE))
+    image = _open(data, max_pixels, budget)
     # Pillow's decoders fail in many ways on hostile data (OSError, SyntaxError, ValueError,
     # TypeError, struct.error, zlib.error, ...); each means the image can't be decoded.
     try:
-        orientation = _orientation(image)
-        if orientation == 1 and _is_colour_jpeg(image) and (stripped := strip_metadata(data)):
-            size = image.size
-            # Kept as it is, it need only prove that it decodes: every byte of it is still
-            # entropy-decoded at 1/8 scale, without the full-size inverse DCT.
-            image.draft("RGB", (size[0] // 8 or 1, size[1] // 8 or 1))
+        # Frames, tiles and icons that turn out larger than the header said stop here.
+        with _pillow_pixel_limit(budget):
+            orientation = _orientation(image)
+            if orientation == 1 and layout and _is_colour_jpeg(image):
+                # An unusable profile is dropped rather than stored for viewers to trip on.
+                keep_icc = _rgb_profile(image.info.get("icc_profile")) is not None
+                if stripped := layout.strip_metadata(keep_icc=keep_icc):
+                    size = image.size
+                    # Kept as it is, it need only prove that it decodes: every byte of it is
+                    # still entropy-decoded at 1/8 scale, without the full-size inverse DCT.
+                    image.draft("RGB", (size[0] // 8 or 1, size[1] // 8 or 1))
+                    image.load()
+                    return stripped, size
             image.load()
-            return stripped, size
-        image.load()
         if orientation in _UPRIGHT:
             image = image.transpose(_UPRIGHT[orientation])
         rgb, icc_profile = _to_rgb(image)
@@ -178,6 +208,10 @@ def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[i
         rgb.save(output, "JPEG", quality=quality, icc_profile=icc_profile)
     except MemoryError:
         raise
+    except Image.DecompressionBombError as error:
+        raise _too_complex_for_its_size(
+            f"holds a larger picture than its header says ({error})", len(data)
+        ) from None
     except Exception as error:
         raise CorruptImage(
             f"the {image.format} image is truncated or corrupt and cannot be decoded ({error})"
@@ -185,12 +219,40 @@ def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[i
     return output.getvalue(), rgb.size
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _jpeg_layout(data: bytes) -> Jpeg:
+    """The JPEG's segments, once they are known to cost little to decode."""
+    layout = Jpeg(data, _MAX_JPEG_SEGMENTS)
+    if (scans := layout.scans) > _MAX_JPEG_SCANS:
+        raise TooComplex(
+            f"the JPEG has {'more than ' if layout.too_long else ''}{scans:,} scans, each one more pass over the whole image; "
+            f"at most {_MAX_JPEG_SCANS} are accepted (encoders write about 10)"
+        )
+    if layout.too_long:
+        raise TooComplex(
+            f"the JPEG has more than {_MAX_JPEG_SEGMENTS:,} marker segments; "
+            "no encoder writes that many"
+        )
+    if (stray := layout.stray_bytes_in_headers) > _MAX_JPEG_STRAY_BYTES:
+        raise TooComplex(
+            f"the JPEG has {stray:,} bytes outside any segment before its first scan; "
+            f"at most {_MAX_JPEG_STRAY_BYTES:,} are accepted"
+        )
+    return layout
+
+
+def _open(data: bytes, max_pixels: int, budget: int) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise _too_many_pixels(None, max_pixels) from None
+        image = _identify(data, budget)
+    except Image.DecompressionBombError as error:
+        raise _too_complex_for_its_size(
+            f"holds a larger picture than its header says ({error})", len(data)
+        ) from None
     except UnidentifiedImageError:
+        if is_jpeg(data):
+            raise CorruptImage(
+                "the JPEG image is corrupt: its headers cannot be read "
+                "(such as a frame of 0 pixels, or no frame at all)"
+            ) from None
         raise NotAnImage(
             "the body is not an image in any format this server can read "
             "(JPEG, PNG, GIF, WebP, TIFF, BMP and others are accepted)"
@@ -206,14 +268,58 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise _too_many_pixels(image.size, max_pixels)
+    if width * height > budget:
+        raise _too_complex_for_its_size(f"has {_pixels(image.size)}", len(data))
     if width == 0 or height == 0:
         raise CorruptImage("the image has no pixels (its width or height is 0)")
     return image
 
 
-def _too_many_pixels(size: tuple[int, int] | None, max_pixels: int) -> TooManyPixels:
-    found = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "too many pixels"
-    return TooManyPixels(f"the image has {found}; this server accepts at most {max_pixels:,}")
+def _identify(data: bytes, budget: int) -> Image.Image:
+    """Open the image, reading no more than its header where the format allows."""
+    Image.init()
+    try:
+        # Pillow's own pixel check would get in before the header check, which names the size.
+        with _pillow_pixel_limit(None):
+            return Image.open(
+                io.BytesIO(data),
+                formats=[name for name in Image.ID if name not in _DECODED_WHILE_OPENING],
+            )
+    except UnidentifiedImageError:
+        with _pillow_pixel_limit(budget):
+            return Image.open(io.BytesIO(data), formats=_DECODED_WHILE_OPENING)
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(pixels: int | None) -> Iterator[None]:
+    """Have Pillow refuse any image, frame or tile of more than ``pixels`` as it reads it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    # Pillow refuses images of over twice its limit, and warns of those over it.
+    Image.MAX_IMAGE_PIXELS = None if pixels is None else pixels // 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_many_pixels(size: tuple[int, int], max_pixels: int) -> TooManyPixels:
+    return TooManyPixels(
+        f"the image has {_pixels(size)}; this server accepts at most {max_pixels:,}"
+    )
+
+
+def _too_complex_for_its_size(found: str, nbytes: int) -> TooComplex:
+    return TooComplex(
+        f"the image {found} in only {nbytes:,} bytes; beyond {_FREE_PIXELS:,} pixels this "
+        f"server accepts only images with a byte of file for every {_PIXELS_PER_BYTE:,} "
+        "pixels, as anything emptier is a decompression bomb rather than a picture"
+    )
+
+
+def _pixels(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
 
 
 def _orientation(image: Image.Image) -> int:
@@ -231,23 +337,18 @@ def _is_colour_jpeg(image: Image.Image) -> bool:
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, bytes | None]:
     """Opaque RGB pixels, and the ICC profile that still describes them, if any."""
     icc_profile = image.info.get("icc_profile") or None
-    space = _colour_space(icc_profile) if icc_profile else None
+    profile = _parsed(icc_profile)
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8_bit_grey(image)
-    if space in ("CMYK", "GRAY") and image.mode in ("CMYK", "L"):
+    if profile and _colour_space(profile) in ("CMYK", "GRAY") and image.mode in ("CMYK", "L"):
         try:
-            converted = ImageCms.profileToProfile(
-                image,
-                ImageCms.ImageCmsProfile(io.BytesIO(icc_profile or b"")),
-                ImageCms.createProfile("sRGB"),
-                outputMode="RGB",
-            )
+            converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
         except ImageCms.PyCMSError:
             pass
         else:
             assert converted is not None  # profileToProfile returns None only in place
             return converted, None
-    kept_profile = icc_profile if space == "RGB" else None
+    kept_profile = _rgb_profile(icc_profile)
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, _WHITE)
@@ -274,9 +375,27 @@ def _to_8_bit_grey(image: Image.Image) -> Image.Image:
     return image.point(lambda value: value * scale).convert("L")
 
 
-def _colour_space(icc_profile: bytes) -> str | None:
+def _parsed(icc_profile: bytes | None) -> ImageCms.ImageCmsProfile | None:
+    if not icc_profile:
+        return None
     try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
     except (ImageCms.PyCMSError, OSError):
         return None
+
+
+def _colour_space(profile: ImageCms.ImageCmsProfile) -> str:
     return str(profile.profile.xcolor_space).strip()
+
+
+def _rgb_profile(icc_profile: bytes | None) -> bytes | None:
+    """The profile if colour management can use it for RGB pixels, else None."""
+    profile = _parsed(icc_profile)
+    if profile is None or _colour_space(profile) != "RGB":
+        return None
+    try:
+        # Tags are read as a transform needs them: a profile that parses may still be broken.
+        ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
+    except ImageCms.PyCMSError:
+        return None
+    return icc_profile

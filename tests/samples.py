@@ -130,3 +130,68 @@ def quadrants(size: tuple[int, int] = (60, 40)) -> Image.Image:
     image.paste((20, 200, 40), (0, height // 2, width // 2, height))
     image.paste((240, 220, 20), (width // 2, height // 2, width, height))
     return image
+
+
+def _header_segments(jpeg: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a JPEG Pillow wrote, up to its first scan."""
+    segments, pos = [], 2
+    while not segments or segments[-1][0] != 0xDA:
+        end = pos + 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
+        segments.append((jpeg[pos + 1], pos, end))
+        pos = end
+    return segments
+
+
+def with_frame_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its frame header claiming another size; its scans are left as they are."""
+    data = bytearray(jpeg)
+    for marker, start, _ in _header_segments(jpeg):
+        if 0xC0 <= marker <= 0xC2:
+            struct.pack_into(">HH", data, start + 5, height, width)
+    return bytes(data)
+
+
+def jpeg_claiming(width: int, height: int, mode: str = "RGB") -> bytes:
+    """An 8x8 JPEG whose frame header claims another size."""
+    return with_frame_size(encode(Image.new(mode, (8, 8), 128), "JPEG"), width, height)
+
+
+def progressive_jpeg_with_extra_scans(
+    extra: int, size: tuple[int, int] = (320, 240), mode: str = "RGB"
+) -> bytes:
+    """A progressive photo whose first scan's header is repeated ``extra`` times before its
+    EOI, with no data: each is one more pass over the image for a decoder, and changes no
+    pixel. Pillow writes 10 scans for colour, 6 for grey."""
+    data = encode(photo(size).convert(mode), "JPEG", quality=80, progressive=True)
+    _, start, end = _header_segments(data)[-1]
+    return data[:-2] + data[start:end] * extra + data[-2:]
+
+
+def jpeg_with_header_padding(padding: bytes) -> bytes:
+    """The 64x48 two-tone JPEG with ``padding`` after its first segment (JFIF)."""
+    data = encode(two_tone(), "JPEG")
+    _, _, end = _header_segments(data)[0]
+    return data[:end] + padding + data[end:]
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO whose one icon is declared 16x16 but is the whole of ``png``."""
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def lab_profile() -> bytes:
+    """A valid ICC profile, of the Lab colour space: it cannot describe RGB pixels."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+
+
+def broken_rgb_profile() -> bytes:
+    """The sRGB profile with its red colorant and tone curves overwritten: its header still
+    reads as RGB, but no colour transform can be built from it."""
+    profile = bytearray(srgb_profile())
+    (tags,) = struct.unpack_from(">I", profile, 128)
+    for index in range(tags):
+        signature, offset, size = struct.unpack_from(">4sII", profile, 132 + 12 * index)
+        if signature in (b"rXYZ", b"rTRC"):
+            profile[offset : offset + size] = b"\xff" * size
+    return bytes(profile)
