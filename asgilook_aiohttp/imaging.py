@@ -224,8 +224,9 @@ def _jpeg_layout(data: bytes) -> Jpeg:
     layout = Jpeg(data, _MAX_JPEG_SEGMENTS)
     if (scans := layout.scans) > _MAX_JPEG_SCANS:
         raise TooComplex(
-            f"the JPEG has {'more than ' if layout.too_long else ''}{scans:,} scans, each one more pass over the whole image; "
-            f"at most {_MAX_JPEG_SCANS} are accepted (encoders write about 10)"
+            f"the JPEG has {'more than ' if layout.too_long else ''}{scans:,} scans, each one "
+            f"more pass over the whole image; at most {_MAX_JPEG_SCANS} are accepted "
+            "(encoders write about 10)"
         )
     if layout.too_long:
         raise TooComplex(
