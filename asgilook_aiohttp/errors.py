@@ -7,7 +7,6 @@ so the HTTP meaning of a failure is decided in one place.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import imaging
+from . import imaging, space
 from .converter import ConversionTimedOut, ConverterUnavailable, QueueFull, WorkerLost
 from .metrics import PROBLEM
 
@@ -74,7 +73,6 @@ _IMAGE_PROBLEMS: dict[type[imaging.ImageRejected], tuple[int, str]] = {
     imaging.CorruptImage: (422, "corrupt-image"),
     imaging.TooManyPixels: (413, "too-many-pixels"),
     imaging.TooMuchMemory: (413, "too-much-memory"),
-    imaging.TooComplex: (422, "too-complex"),
 }
 
 _UNAVAILABLE: dict[type[ConverterUnavailable], str] = {
@@ -111,13 +109,14 @@ def to_problem(error: Exception) -> Problem | None:
     if isinstance(error, ConnectionError):
         # The client went away mid-request; no one will read this, but it is no server bug.
         return Problem(400, "incomplete-request", "the connection closed before the request ended")
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return Problem(
-            507,
-            "storage-full",
-            "the server's storage is full; nothing was stored, try again later",
-            {"Retry-After": "60"},
+    if space.is_full(error):
+        # Our own refusals say which room ran out; the system's errors only that it did.
+        detail = (
+            str(error)
+            if isinstance(error, space.StorageFull)
+            else "the server's storage is full; nothing was stored or changed, try again later"
         )
+        return Problem(507, "storage-full", detail, {"Retry-After": "60"})
     return None
 
 

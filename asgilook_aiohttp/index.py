@@ -5,6 +5,11 @@ SQLite runs in WAL mode with ``synchronous=FULL``, so a committed row survives a
 of the process or of the machine. All calls go through one thread, which owns the
 connection, so the event loop never waits on the disk. Pages are read by keyset
 (``seq > ?``), so a deep page costs the same as the first at any size of the index.
+
+On a full disk SQLite cannot make the shared-memory file that WAL mode reads through,
+which a clean stop removes. The index is then opened in exclusive locking mode, which
+keeps that memory in this process instead, and holds the file to itself (a backup must
+wait) until ``share`` can open it as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from .space import is_full
 
 T = TypeVar("T")
 
@@ -98,6 +105,7 @@ class Index:
         self._path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._db: sqlite3.Connection | None = None
+        self._shared = True
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -106,24 +114,56 @@ class Index:
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, call)
 
-    async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._connect)
+    @property
+    def shared(self) -> bool:
+        """Whether other processes may read the index (False while the disk was too full)."""
+        return self._shared
 
-    def _connect(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version > len(_MIGRATIONS):
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._open)
+
+    def _open(self) -> None:
+        try:
+            self._db, self._shared = self._connect(shared=True), True
+        except sqlite3.Error as error:
+            if not is_full(error):
+                raise
+            self._db, self._shared = self._connect(shared=False), False
+
+    async def share(self) -> bool:
+        """Open the index for other readers too, if it is not yet and there is room now;
+        whether it is."""
+
+        def share(db: sqlite3.Connection) -> bool:
+            if self._shared:
+                return True
             db.close()
-            raise RuntimeError(
-                f"{self._path} has index schema version {version}; this release reads up "
-                f"to version {len(_MIGRATIONS)}: upgrade asgilook-aiohttp"
-            )
-        for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {migration} PRAGMA user_version={number}; COMMIT;")
-        self._db = db
+            self._db = None
+            self._open()
+            return self._shared
+
+        return await self._call(share)
+
+    def _connect(self, *, shared: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            if not shared:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > len(_MIGRATIONS):
+                raise RuntimeError(
+                    f"{self._path} has index schema version {version}; this release reads up "
+                    f"to version {len(_MIGRATIONS)}: upgrade asgilook-aiohttp"
+                )
+            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+                db.executescript(f"BEGIN; {migration} PRAGMA user_version={number}; COMMIT;")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     async def close(self) -> None:
         def close(db: sqlite3.Connection) -> None:

@@ -6,6 +6,11 @@ and given an id already journaled as pending; a worker converts it and moves the
 into place durably, and only then is it recorded in the index. A crash at any point
 leaves either nothing visible or a complete image. A deletion removes the row first and
 journals the id until the files are gone. ``open`` finishes whatever a crash interrupted.
+
+A full disk fails the writes that need room with ``StorageFull`` (or the system's ENOSPC)
+and leaves nothing behind, but never the reads, nor a deletion, nor start-up: what can
+wait for room (journal entries to clear, the reserve to set aside again, the index to
+share) is tried again every ``CATCH_UP_SECONDS`` until it is done.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,10 +34,13 @@ from .config import Config, MiB
 from .converter import Converter
 from .index import ImageRecord, Index, ThumbnailRecord
 from .metrics import Metrics
+from .space import Reserve, StorageFull, is_full, unless_full
 from .spool import Spool, Staged
 from .thumbnails import Thumbnails, thumbnail_sizes
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 
 def _token_hash(token: str) -> str:
@@ -40,6 +49,10 @@ def _token_hash(token: str) -> str:
 
 
 INDEX_FILE = "index.sqlite3"
+# Beside the index, whose writes it keeps room for.
+RESERVE_FILE = f"{INDEX_FILE}-reserve"
+# How often what a full disk put off is tried again.
+CATCH_UP_SECONDS = 1.0
 # Image ids journaled as pending in one write, ahead of the uploads that will take them.
 SPARE_IDS = 64
 
@@ -54,15 +67,19 @@ class Store:
         spool: Spool,
         converter: Converter,
         thumbnails: Thumbnails,
+        reserve: Reserve,
     ) -> None:
         self._config = config
         self._index = index
         self._blobs = blobs
         self._spool = spool
+        self._reserve = reserve
         self.converter = converter
         self._thumbnails = thumbnails
         self._unfinished: set[asyncio.Task[Any]] = set()
         self._spare_ids: list[str] = []
+        # Journaled ids whose files are gone, still to be cleared from the journal.
+        self._stale_ids: set[str] = set()
         self._journaling = asyncio.Lock()
         self._image_count = 0
         self._image_bytes = 0
@@ -97,14 +114,26 @@ class Store:
     async def open(cls, config: Config, metrics: Metrics) -> AsyncIterator[Store]:
         async with AsyncExitStack() as resources:
             blobs = Blobs(config.storage_path)
-            blobs.open()  # creates the directories, empties staging
             index = Index(config.storage_path / INDEX_FILE)
-            await index.open()
             resources.push_async_callback(index.close)
+            reserve = Reserve(config.storage_path / RESERVE_FILE)
+            try:
+                blobs.open()  # creates the directories, empties staging
+                await asyncio.to_thread(reserve.take)
+                await _with_reserve(reserve, index.open)
+            except Exception as error:
+                # Only an index that is new or must be upgraded needs room to open: with
+                # none yet there is nothing to serve, and starting would hide the fault.
+                if not is_full(error):
+                    raise
+                raise SystemExit(
+                    f"asgilook-aiohttp: the storage file system is full: there is no room to "
+                    f"create or upgrade the index in {config.storage_path} ({error}); "
+                    "free some space there and start again"
+                ) from None
             leftover = await index.pending()  # what a crash left half-done, if anything
             for image_id in leftover:
                 await blobs.delete(image_id)
-            await index.drop_pending(leftover)
             arena = Arena(config.upload_memory_mb * MiB)
             resources.callback(arena.close)
             converter = Converter(
@@ -132,12 +161,16 @@ class Store:
                 spool=Spool(blobs, arena),
                 converter=converter,
                 thumbnails=thumbnails,
+                reserve=reserve,
             )
+            await store._unjournal(leftover)
             store._image_count, store._image_bytes = await index.totals()
             store._watch(metrics)
+            catching_up = asyncio.create_task(store._catch_up_while_open())
+            resources.callback(catching_up.cancel)
             yield store
             await store._finish_unfinished()
-            await index.drop_pending(store._spare_ids)
+            await store._unjournal(store._spare_ids)
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
         return await self._spool.receive(chunks)
@@ -172,6 +205,7 @@ class Store:
 
     async def _add(self, staged: Staged, delete_token_sha256: str) -> ImageRecord:
         try:
+            self._check_room()
             image_id = await self._new_id()
             placement = self._blobs.image_placement(image_id)
             try:
@@ -195,7 +229,7 @@ class Store:
             except BaseException:
                 await self._blobs.discard(placement.staging)  # its worker may have died
                 await self._blobs.delete(image_id)
-                await self._index.drop_pending([image_id])
+                await self._unjournal([image_id])
                 raise
         except BaseException:
             await self._spool.discard(staged)  # the worker removes a file, unless it died first
@@ -246,15 +280,75 @@ class Store:
         return await self._to_the_end(self._delete(image_id, token_sha256))
 
     async def _delete(self, image_id: str, token_sha256: str | None) -> bool:
-        deleted = await self._index.delete(image_id, token_sha256)
+        # It frees space, but its index write needs a little first: on a full disk, the
+        # reserve's.
+        deleted = await _with_reserve(
+            self._reserve, lambda: self._index.delete(image_id, token_sha256)
+        )
         if deleted is None:
             return False
         self._image_count -= 1
         self._image_bytes -= deleted.image_bytes
         self._thumbnails.forget(deleted.thumbnail_bytes)
         await self._blobs.delete(image_id)
-        await self._index.drop_pending([image_id])
+        await self._unjournal([image_id])
         return True
+
+    async def _unjournal(self, image_ids: Iterable[str]) -> None:
+        """Clear ids whose files are gone from the journal, now or, failing that, later:
+        never failing the caller, whose work is done (a start-up sweeps them anyway)."""
+        self._stale_ids.update(image_ids)
+        stale = list(self._stale_ids)
+        if not stale:
+            return
+        try:
+            await self._index.drop_pending(stale)
+        except Exception as error:
+            if not is_full(error):
+                _log.exception("could not clear %d ids from the journal", len(stale))
+            return
+        self._stale_ids.difference_update(stale)
+
+    def _check_room(self) -> None:
+        """Refuse work that takes space while the reserve is given up: what room is left
+        belongs to deletions until it is set aside again."""
+        if not self._reserve.held:
+            raise StorageFull(
+                "the server's storage is full: the room left is kept for deletions; "
+                "nothing was stored, try again later"
+            )
+
+    async def _catch_up_while_open(self) -> None:
+        while True:
+            await asyncio.sleep(CATCH_UP_SECONDS)
+            try:
+                await self._catch_up()
+            except Exception:
+                _log.exception("could not finish what a full disk put off; trying again")
+
+    async def _catch_up(self) -> None:
+        """Do what a full disk put off, as far as there is room for it now."""
+        if not self._index.shared:
+            with unless_full():
+                await self._index.share()
+        await self._unjournal(())
+        if not self._reserve.held:
+            await asyncio.to_thread(self._reserve.take)
+
+    def _put_off(self) -> list[str]:
+        """What a full disk put off that uploads or operators are waiting for."""
+        waiting = []
+        if not self._reserve.held:
+            waiting.append(
+                "the room kept for deletions on a full disk is in use; uploads wait until "
+                "it is set aside again"
+            )
+        if not self._index.shared:
+            waiting.append(
+                "the index is held by this process alone for lack of room for its shared "
+                "memory; backups wait"
+            )
+        return waiting
 
     def thumbnail_sizes(self, record: ImageRecord) -> list[tuple[int, int]]:
         return thumbnail_sizes(record.width, record.height, self._config.min_thumbnail_side)
@@ -269,6 +363,7 @@ class Store:
         self, record: ImageRecord, width: int, height: int
     ) -> ThumbnailRecord | None:
         """A thumbnail of a listed size, made now; None if the image has gone meanwhile."""
+        self._check_room()
         return await self._thumbnails.make(record, width, height)
 
     def thumbnail_path(self, thumbnail: ThumbnailRecord) -> Path:
@@ -285,6 +380,18 @@ class Store:
                 f"the storage directory {self._config.storage_path} has {free // MiB} MiB free; "
                 f"an upload may need {2 * self._config.max_upload_bytes // MiB} MiB"
             )
+        problems += self._put_off()
         if not await self.converter.is_working():
             problems.append("no conversion worker is running")
         return problems
+
+
+async def _with_reserve(reserve: Reserve, write: Callable[[], Awaitable[T]]) -> T:
+    """Run an index write that must not wait for room: on a full disk, give up the
+    reserve for it and run it again."""
+    try:
+        return await write()
+    except Exception as error:
+        if not is_full(error) or not await asyncio.to_thread(reserve.release):
+            raise
+    return await write()

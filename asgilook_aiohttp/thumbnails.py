@@ -17,6 +17,7 @@ from . import imaging
 from .blobs import Blobs
 from .converter import Converter
 from .index import ImageRecord, Index, ThumbnailRecord
+from .space import unless_full
 
 TOUCH_INTERVAL = 3600
 
@@ -67,8 +68,10 @@ class Thumbnails:
             kept = None  # its file went with an eviction racing a remake: make it again
         if kept is not None:
             now = int(time.time())
+            # Recency only orders evictions: on a full disk, serving goes on without it.
             if now - kept.last_used >= TOUCH_INTERVAL:
-                await self._index.touch_thumbnail(kept, now)
+                with unless_full():
+                    await self._index.touch_thumbnail(kept, now)
         return image, kept
 
     async def make(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
@@ -112,12 +115,18 @@ class Thumbnails:
         record = ThumbnailRecord(
             image.id, width, height, made.nbytes, made.sha256, int(time.time())
         )
-        replaced = await self._index.add_thumbnail(record)
+        try:
+            replaced = await self._index.add_thumbnail(record)
+        except BaseException:  # a full disk, say: no row will name the file
+            await self._blobs.discard_thumbnail(Path(placement.final))
+            raise
         if replaced is None:
             await self._blobs.discard_thumbnail(Path(placement.final))
             return None
         self._kept_bytes += record.nbytes - replaced
-        await self._keep_within_budget()
+        # Evicting needs an index write too; on a full disk the next thumbnail tries again.
+        with unless_full():
+            await self._keep_within_budget()
         return record
 
     async def _keep_within_budget(self) -> None:

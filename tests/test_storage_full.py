@@ -1,20 +1,42 @@
-"""Storage trouble: a full disk refuses uploads with 507 and leaves nothing; readiness
-says why, and recovers with the storage."""
+"""Storage trouble, on small file systems of the tests' own: a full disk refuses uploads
+and new thumbnails with 507 and leaves nothing, yet deletions, reads and start-up go on;
+readiness says why, and everything recovers by itself when space returns."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
+import signal
+import sqlite3
 import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from PIL import Image
 
+from asgilook_aiohttp.blobs import Blobs, write_durably
+from asgilook_aiohttp.store import INDEX_FILE, RESERVE_FILE
+
 import samples
-from checks import Client, ClientFactory, assert_nothing_stored, assert_problem
+from checks import (
+    Client,
+    ClientFactory,
+    assert_nothing_stored,
+    assert_problem,
+    bearer,
+    stored_files,
+)
+from serving import ROOT, running, start_server
+
+MiB = 1024 * 1024
 
 
 def mount(*arguments: str) -> None:
@@ -101,3 +123,239 @@ async def test_readiness_follows_a_read_only_storage(client: Client, storage: Pa
     finally:
         umount(storage)
     assert (await client.get("/readyz")).status == 200
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    yield from tmpfs(tmp_path / "disk", "16m")
+
+
+def fill(storage: Path) -> Path:
+    """Fill the storage's file system to the last byte with a file beside it; return that
+    file. The index's write-ahead log is emptied first, so that every index write needs
+    new room, as it does once the log has grown to its end."""
+    with index_of(storage) as db:
+        assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    filler = storage.parent / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (MiB, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, bytes(size))
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    assert free_bytes(storage) == 0
+    return filler
+
+
+def index_of(storage: Path) -> closing[sqlite3.Connection]:
+    """The index, read and written from outside the server, each statement committed."""
+    return closing(sqlite3.connect(storage / INDEX_FILE, isolation_level=None))
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+async def until_ready(source: Client | tuple[aiohttp.ClientSession, str]) -> None:
+    """Wait for /readyz to say 200, by itself."""
+    async with asyncio.timeout(30):
+        while True:
+            if isinstance(source, tuple):
+                session, url = source
+                async with session.get(f"{url}/readyz") as response:
+                    status = response.status
+            else:
+                status = (await source.get("/readyz")).status
+            if status == 200:
+                return
+            await asyncio.sleep(0.05)
+
+
+def noise_jpeg(size: tuple[int, int] = (500, 400), seed: int = 0) -> bytes:
+    """A JPEG of noise, kept as it is: about as many bytes stored as sent."""
+    noise = Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+    return samples.encode(noise, "JPEG", quality=90)
+
+
+async def upload(client: Client, data: bytes) -> dict[str, Any]:
+    response = await client.post("/images", data=data)
+    assert response.status == 201, await response.text()
+    created: dict[str, Any] = await response.json()
+    return created
+
+
+async def test_upload_to_a_filled_disk_is_507_and_leaves_nothing(
+    make_client: ClientFactory, disk: Path
+) -> None:
+    storage = disk / "storage"
+    client = await make_client(storage_path=storage, max_upload_bytes=MiB)
+    kept = await upload(client, samples.small_png())
+    before = stored_files(storage)
+    filler = fill(storage)
+    response = await client.post("/images", data=samples.small_png())
+    await assert_problem(response, 507, "storage-full")
+    assert response.headers["Retry-After"] == "60"
+    assert stored_files(storage) == before
+    assert [image["id"] for image in await (await client.get("/images")).json()] == [kept["id"]]
+
+    filler.unlink()
+    await until_ready(client)
+    await upload(client, samples.small_png())
+
+
+async def test_uploads_that_fill_the_disk_get_201_or_507_and_nothing_else(
+    make_client: ClientFactory, disk: Path
+) -> None:
+    storage = disk / "storage"
+    client = await make_client(storage_path=storage, max_upload_bytes=MiB)
+    statuses: list[int] = []
+    created: list[str] = []
+    for round_ in range(100):
+        responses = await asyncio.gather(
+            *(client.post("/images", data=noise_jpeg(seed=round_ * 4 + n)) for n in range(4))
+        )
+        for response in responses:
+            statuses.append(response.status)
+            if response.status == 201:
+                created.append((await response.json())["id"])
+            else:
+                await assert_problem(response, 507, "storage-full")
+        if statuses[-8:].count(507) == 8:
+            break
+    assert 201 in statuses
+    assert statuses.count(507) >= 8
+    listed = await (await client.get("/images?limit=1000")).json()
+    assert sorted(image["id"] for image in listed) == sorted(created)
+    blobs = Blobs(storage)
+    assert stored_files(storage) == sorted(
+        str(blobs.path(image_id).relative_to(storage)) for image_id in created
+    )
+
+
+async def test_delete_on_a_full_disk_frees_space_and_the_reserve_returns(
+    make_client: ClientFactory, disk: Path
+) -> None:
+    storage = disk / "storage"
+    client = await make_client(storage_path=storage, max_upload_bytes=MiB)
+    images = [await upload(client, noise_jpeg(seed=n)) for n in range(3)]
+    assert (storage / RESERVE_FILE).stat().st_size == MiB
+    filler = fill(storage)
+    await assert_problem(await client.get("/readyz"), 503, "not-ready")
+
+    for image in images:
+        response = await client.delete(
+            f"/images/{image['id']}", headers=bearer(image["delete_token"])
+        )
+        assert response.status == 204, await response.text()
+        assert (await client.get(image["image"])).status == 404
+    assert await (await client.get("/images")).json() == []
+    assert_nothing_stored(storage)
+
+    filler.unlink()
+    await until_ready(client)
+    assert (storage / RESERVE_FILE).stat().st_size == MiB
+    await upload(client, samples.small_png())
+
+
+async def test_thumbnails_on_a_full_disk(make_client: ClientFactory, disk: Path) -> None:
+    storage = disk / "storage"
+    client = await make_client(storage_path=storage, max_upload_bytes=MiB)
+    image = await upload(client, samples.encode(samples.two_tone((640, 480)), "PNG"))
+    made, unmade = image["thumbnails"]
+    assert (await client.get(made)).status == 200
+    with index_of(storage) as db:  # served long ago: due a new date
+        db.execute("UPDATE thumbnails SET last_used = 0")
+    before = stored_files(storage)
+    filler = fill(storage)
+
+    kept = await client.get(made)
+    assert kept.status == 200
+    assert samples.decode(await kept.read()).size == (320, 240)
+    await assert_problem(await client.get(unmade), 507, "storage-full")
+    assert stored_files(storage) == before
+    with index_of(storage) as db:
+        assert db.execute("SELECT count(*) FROM thumbnails").fetchone() == (1,)
+
+    filler.unlink()
+    await until_ready(client)
+    assert (await client.get(unmade)).status == 200
+
+
+async def test_start_on_a_full_disk_serves_reads_and_recovers_when_space_returns(
+    session: aiohttp.ClientSession, disk: Path
+) -> None:
+    storage = disk / "storage"
+    flags = ("--max-upload-bytes", str(MiB))
+    async with (
+        running(storage, *flags) as server,
+        session.post(f"{server.url}/images", data=noise_jpeg()) as response,
+    ):
+        assert response.status == 201
+        stored = await response.json()
+    # What a crash left: a journaled id whose file is in place. And no reserve to give up.
+    crashed = str(uuid.uuid4())
+    blobs = Blobs(storage)
+    blobs.path(crashed).parent.mkdir(parents=True)
+    write_durably(blobs.path(crashed), b"half-done")
+    with index_of(storage) as db:
+        db.execute("INSERT INTO pending (id) VALUES (?)", (crashed,))
+    (storage / RESERVE_FILE).unlink()
+    assert not (storage / f"{INDEX_FILE}-shm").exists()  # removed by the clean stop
+    filler = fill(storage)
+
+    server = await start_server(storage, *flags)
+    async with session.get(f"{server.url}/images") as response:
+        assert [image["id"] for image in await response.json()] == [stored["id"]]
+    async with session.get(f"{server.url}{stored['image']}") as response:
+        assert response.status == 200
+        assert await response.read() == noise_jpeg()
+    async with session.get(f"{server.url}/healthz") as response:
+        assert response.status == 200
+    async with session.get(f"{server.url}/readyz") as response:
+        body = await assert_problem(response, 503, "not-ready")
+    assert "0 MiB free" in body["detail"]
+    assert "kept for deletions" in body["detail"]
+    assert not blobs.path(crashed).exists()
+    async with session.post(f"{server.url}/images", data=samples.small_png()) as response:
+        await assert_problem(response, 507, "storage-full")
+
+    filler.unlink()
+    await until_ready((session, server.url))
+    with index_of(storage) as db:  # the index is open to others again
+        journaled = [row[0] for row in db.execute("SELECT id FROM pending")]
+    assert crashed not in journaled
+    assert (storage / RESERVE_FILE).stat().st_size == MiB
+    async with session.post(f"{server.url}/images", data=samples.small_png()) as response:
+        assert response.status == 201
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_no_index_and_no_room_for_one_is_a_clear_error(disk: Path) -> None:
+    storage = disk / "storage"
+    storage.mkdir()
+    (storage / INDEX_FILE).touch()  # as a start that found no room leaves: still no index
+    fill(storage)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "run.py",
+        "--port",
+        "0",
+        "--storage",
+        str(storage),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 1
+    assert out == b""
+    last_line = err.decode().strip().splitlines()[-1]
+    assert last_line.startswith("asgilook-aiohttp: the storage file system is full")
+    assert last_line.endswith("free some space there and start again")
