@@ -73,6 +73,7 @@ _IMAGE_PROBLEMS: dict[type[imaging.ImageRejected], tuple[int, str]] = {
     imaging.CorruptImage: (422, "corrupt-image"),
     imaging.TooManyPixels: (413, "too-many-pixels"),
     imaging.TooMuchMemory: (413, "too-much-memory"),
+    imaging.TooComplex: (422, "too-complex"),
 }
 
 _UNAVAILABLE: dict[type[ConverterUnavailable], str] = {
