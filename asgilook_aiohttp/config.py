@@ -45,6 +45,7 @@ class Config:
     worker_memory_mb: int = 1024
     max_upload_bytes: int = 32 * MiB
     upload_memory_mb: int = 128
+    upload_disk_mb: int = 256
     max_pixels: int = 50_000_000
     min_thumbnail_side: int = 64
     thumbnail_budget_mb: int = 1024
@@ -194,6 +195,14 @@ _SETTINGS = (
         _whole_number(0),
         "memory, shared with the workers, that upload bodies wait in until converted, in "
         "MiB; a body that does not fit goes to disk instead (default 128)",
+    ),
+    _Setting(
+        "upload_disk_mb",
+        "--upload-disk-mb",
+        _whole_number(0),
+        "disk space in staging/ that upload bodies which did not fit in memory may take "
+        "while they arrive and wait to be converted, in MiB; a body that would pass it, or "
+        "leave less than --max-upload-bytes free, gets 507 (default 256)",
     ),
     _Setting(
         "max_pixels",

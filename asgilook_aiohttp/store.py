@@ -101,6 +101,11 @@ class Store:
             lambda: self._spool.held_bytes,
         )
         metrics.gauge(
+            "asgilook_upload_bytes_staged",
+            "Bytes of upload bodies held in staging files until converted.",
+            lambda: self._spool.staged_bytes,
+        )
+        metrics.gauge(
             "asgilook_conversion_queue_depth",
             "Jobs waiting for a free worker.",
             lambda: converter.waiting,
@@ -154,11 +159,17 @@ class Store:
                 quality=config.jpeg_quality,
             )
             await thumbnails.open()
+            spool = Spool(
+                blobs,
+                arena,
+                disk_bytes=config.upload_disk_mb * MiB,
+                keep_free=config.max_upload_bytes,  # for a conversion, as readiness counts
+            )
             store = cls(
                 config,
                 index=index,
                 blobs=blobs,
-                spool=Spool(blobs, arena),
+                spool=spool,
                 converter=converter,
                 thumbnails=thumbnails,
                 reserve=reserve,

@@ -1,6 +1,7 @@
 """Storage trouble, on small file systems of the tests' own: a full disk refuses uploads
 and new thumbnails with 507 and leaves nothing, yet deletions, reads and start-up go on;
-readiness says why, and everything recovers by itself when space returns."""
+readiness says why, and everything recovers by itself when space returns. Bodies still
+arriving hold no more disk than they are allowed."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import ClientResponse
 from PIL import Image
 
 from asgilook_aiohttp.blobs import Blobs, write_durably
@@ -32,7 +34,12 @@ from checks import (
     assert_nothing_stored,
     assert_problem,
     bearer,
+    scrape,
+    staged_bytes,
     stored_files,
+    until,
+    until_metric,
+    value,
 )
 from serving import ROOT, running, start_server
 
@@ -79,7 +86,7 @@ def _stripes_png() -> bytes:
 @pytest.mark.parametrize(
     ("upload_memory_mb", "make_body"),
     [
-        pytest.param(0, lambda: os.urandom(6 * 1024 * 1024), id="body-spooled-to-disk"),
+        pytest.param(1, lambda: os.urandom(6 * 1024 * 1024), id="body-spooled-to-disk"),
         pytest.param(128, _noise_jpeg, id="jpeg-kept-as-is-too-big"),
         pytest.param(128, _stripes_png, id="converted-image-too-big"),
     ],
@@ -359,3 +366,65 @@ async def test_no_index_and_no_room_for_one_is_a_clear_error(disk: Path) -> None
     last_line = err.decode().strip().splitlines()[-1]
     assert last_line.startswith("asgilook-aiohttp: the storage file system is full")
     assert last_line.endswith("free some space there and start again")
+
+
+async def test_bodies_on_disk_hold_no_more_than_their_allowance(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(upload_memory_mb=0, upload_disk_mb=1)
+    first = noise_jpeg((1000, 800))
+    assert 600_000 < len(first) < MiB
+    go_on = asyncio.Event()
+
+    async def stalling(data: bytes) -> AsyncIterator[bytes]:
+        yield data[:600_000]
+        await go_on.wait()
+        yield data[600_000:]
+
+    holding = asyncio.create_task(client.post("/images", data=stalling(first)))
+    await until(lambda: staged_bytes(storage) == 600_000)
+    second = await client.post("/images", data=stalling(noise_jpeg((1000, 800), seed=1)))
+    body = await assert_problem(second, 507, "storage-full")
+    assert "1 MiB" in body["detail"]
+    assert second.headers["Retry-After"] == "60"
+    assert staged_bytes(storage) == 600_000  # the refused body's file is gone
+    await until_metric(client, "asgilook_upload_bytes_staged", lambda staged: staged == 600_000)
+
+    go_on.set()
+    assert (await holding).status == 201
+    metrics = await scrape(client)
+    assert value(metrics, "asgilook_upload_bytes_staged") == 0
+    assert [path.split("/")[0] for path in stored_files(storage)] == ["images"]
+
+
+async def test_bodies_that_never_finish_leave_room_for_uploads_received_in_full(
+    make_client: ClientFactory, disk: Path
+) -> None:
+    storage = disk / "storage"
+    client = await make_client(storage_path=storage, upload_memory_mb=1, max_upload_bytes=2 * MiB)
+    sent = 1_500_000
+    never = asyncio.Event()
+
+    async def stalled(seed: int) -> AsyncIterator[bytes]:
+        yield random.Random(seed).randbytes(sent)
+        await never.wait()
+
+    # More than the disk holds, as in the report: 12 x 1.5 MB on 16 MiB, one after another.
+    posts: list[asyncio.Task[ClientResponse]] = []
+    for n in range(12):
+        posts.append(asyncio.create_task(client.post("/images", data=stalled(n))))
+        await until(  # each held in full, or refused
+            lambda: (
+                staged_bytes(storage) + sent * sum(post.done() for post in posts)
+                == sent * len(posts)
+            )
+        )
+    refused = [post.result() for post in posts if post.done()]
+    assert refused
+    for response in refused:
+        await assert_problem(response, 507, "storage-full")
+    assert free_bytes(storage) >= 2 * MiB
+    # An upload received in full still has the room its conversion needs.
+    await upload(client, noise_jpeg((1000, 800)))
+    never.set()
+    await asyncio.gather(*posts)
