@@ -107,8 +107,14 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return pages * os.sysconf("SC_PAGE_SIZE"), proportional_kib * 1024
 
 
-def tree_cpu(pid: int) -> tuple[float, float]:
-    """CPU seconds used so far by a process itself, and by its live descendants."""
+def tree_cpu(pid: int, *, reaped: bool = False) -> tuple[float, float]:
+    """CPU seconds used so far by a process itself, and by its live descendants; with
+    ``reaped``, the descendants' figure also counts their children that have exited and
+    been waited for, such as the workers a pool has replaced."""
     tick = os.sysconf("SC_CLK_TCK")
-    times = [(int(process[11]) + int(process[12])) / tick for process in _tree(pid).values()]
-    return times[0], sum(times[1:])
+    own, *descendants = _tree(pid).values()
+    last = 15 if reaped else 13  # utime, stime, then the waited-for children's
+    return (
+        (int(own[11]) + int(own[12])) / tick,
+        sum(int(n) for process in descendants for n in process[11:last]) / tick,
+    )
