@@ -134,7 +134,8 @@ def quadrants(size: tuple[int, int] = (60, 40)) -> Image.Image:
 
 def _header_segments(jpeg: bytes) -> list[tuple[int, int, int]]:
     """(marker, start, end) of each segment of a JPEG Pillow wrote, up to its first scan."""
-    segments, pos = [], 2
+    segments: list[tuple[int, int, int]] = []
+    pos = 2
     while not segments or segments[-1][0] != 0xDA:
         end = pos + 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
         segments.append((jpeg[pos + 1], pos, end))
@@ -195,3 +196,31 @@ def broken_rgb_profile() -> bytes:
         if signature in (b"rXYZ", b"rTRC"):
             profile[offset : offset + size] = b"\xff" * size
     return bytes(profile)
+
+
+@functools.cache
+def fuzz_seeds() -> tuple[bytes, ...]:
+    """Small images of every kind the JPEG walk and the decoders branch on: where fuzzing
+    starts from."""
+    image = photo((48, 32))
+    return (
+        encode(image, "JPEG", quality=80),
+        encode(image, "JPEG", quality=80, progressive=True),
+        encode(image.convert("L"), "JPEG", progressive=True),
+        encode(image.convert("CMYK"), "JPEG"),
+        encode(
+            image,
+            "JPEG",
+            icc_profile=srgb_profile(),
+            exif=exif_with_gps(6),
+            restart_marker_blocks=1,
+            **PRIVATE_METADATA,
+        ),
+        encode(image, "MPO", save_all=True, append_images=[image]),
+        encode(image, "PNG", icc_profile=srgb_profile()),
+        animated_gif(),
+        encode(image, "WEBP", lossless=True),
+        encode(image, "TIFF", compression="tiff_deflate"),
+        encode(image, "BMP"),
+        encode(image, "ICO"),
+    )

@@ -1,0 +1,66 @@
+"""The libFuzzer target that ``fuzz/jpeg_fuzz.py`` runs: each input is walked and stripped
+by ``jpeg.Jpeg`` and converted by ``imaging.convert`` in a process set up as a worker is.
+
+A finding is an exception other than a refusal (a 500 for the user), a file left by a
+refusal, a stored file that is not an RGB JPEG, a stripped JPEG whose pixels differ from
+the input's, or an input that takes longer than a second plus 10 microseconds a byte.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import atheris  # type: ignore[import-untyped]
+from PIL import Image
+
+with atheris.instrument_imports():
+    from asgilook_aiohttp import imaging, jpeg
+    from asgilook_aiohttp.blobs import Placement
+
+_SECONDS = 1.0
+_SECONDS_PER_BYTE = 10e-6
+_WORKER_MEMORY = 1024 * 1024 * 1024
+_COMPARED_PIXELS = 1_000_000
+
+
+def fuzz(argv: list[str]) -> None:
+    imaging.init_worker(_WORKER_MEMORY, os.getppid())
+    scratch = Path(tempfile.mkdtemp(prefix="jpeg-fuzz-"))
+    placement = Placement(str(scratch / "staging"), str(scratch / "final.jpeg"), cached=True)
+
+    def pixels_if_small(data: bytes) -> bytes | None:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > _COMPARED_PIXELS:
+                    return None
+                return image.convert("RGB").tobytes()
+        except Exception:
+            return None
+
+    def one_input(data: bytes) -> None:
+        started = time.process_time()
+        stripped = jpeg.Jpeg(data, 1000).strip_metadata(keep_icc=True)
+        try:
+            imaging.convert(data, placement, 50_000_000, 90)
+        except imaging.ImageRejected:
+            assert not os.listdir(scratch), "a refused upload left a file"
+        else:
+            with Image.open(placement.final) as stored:
+                assert (stored.format, stored.mode) == ("JPEG", "RGB"), stored
+            os.unlink(placement.final)
+        seconds = time.process_time() - started
+        assert seconds < _SECONDS + len(data) * _SECONDS_PER_BYTE, f"{seconds:.1f} s"
+        if stripped is not None and (pixels := pixels_if_small(data)) is not None:
+            assert pixels_if_small(stripped) == pixels, "stripping changed the pixels"
+
+    atheris.Setup(argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    fuzz(sys.argv)
