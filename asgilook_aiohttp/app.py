@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import caching
 from .config import Config
 from .errors import problem_middleware
 from .inflight import InFlight
@@ -41,7 +40,6 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[IN_FLIGHT] = in_flight
     app[METRICS] = metrics
-    app.on_response_prepare.append(caching.restore_validators)
     app.on_response_prepare.append(metrics.on_response_prepare)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")

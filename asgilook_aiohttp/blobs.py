@@ -22,9 +22,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterable
 from pathlib import Path
-from typing import NamedTuple
-
-import aiofiles
+from typing import BinaryIO, NamedTuple, cast
 
 
 def write_durably(path: str | os.PathLike[str], data: bytes, *, cached: bool = True) -> None:
@@ -82,6 +80,26 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+async def open_file(path: Path, mode: str) -> BinaryIO:
+    """Open a file off the event loop. If the caller is cancelled meanwhile, the file is
+    closed as soon as it is open, instead of being left to the garbage collector."""
+
+    def open_it() -> BinaryIO:
+        return cast(BinaryIO, open(path, mode))
+
+    opening = asyncio.get_running_loop().run_in_executor(None, open_it)
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[BinaryIO]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 class Blobs:
     def __init__(self, root: Path) -> None:
         self._images = root / "images"
@@ -127,9 +145,9 @@ class Blobs:
         path = self.staging_path(".upload")
         size = 0
         try:
-            async with aiofiles.open(path, "xb") as file:
+            with await open_file(path, "xb") as file:
                 async for chunk in chunks:
-                    await file.write(chunk)
+                    await asyncio.to_thread(file.write, chunk)
                     size += len(chunk)
         except BaseException:
             path.unlink(missing_ok=True)

@@ -2,37 +2,30 @@
 
 Validators come from the bytes (a SHA-256 kept in the index) and the upload time, never
 from the file system, so every server holding a copy of the storage answers alike.
-Preconditions (RFC 9110 section 13) and range checks are decided here; aiohttp's
-``FileResponse`` is then used only to send the chosen bytes with sendfile, given a copy
-of the request without the headers it would otherwise judge by the file's mtime.
+Preconditions (RFC 9110 section 13) and range checks are decided here, and the chosen
+bytes are sent with sendfile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETAG_ANY
 
-from .errors import Problem
+from .blobs import open_file
+from .errors import Problem, not_found
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
-
-_CONDITIONAL_HEADERS = (
-    hdrs.IF_MATCH,
-    hdrs.IF_NONE_MATCH,
-    hdrs.IF_MODIFIED_SINCE,
-    hdrs.IF_UNMODIFIED_SINCE,
-    hdrs.IF_RANGE,
-)
 
 
 @dataclass(frozen=True)
@@ -63,8 +56,9 @@ def validators(sha256: str, last_modified: int, *, strong_date: bool = True) -> 
 
 
 def _matches(request: web.Request, header: str, etag: str, *, weak: bool) -> bool:
-    tags = request.if_match if header == hdrs.IF_MATCH else request.if_none_match
-    assert tags is not None
+    """Whether the header names ``etag`` (or ``*``). A value that names no valid tag, an
+    empty one among them, matches nothing: If-Match fails, If-None-Match holds."""
+    tags = (request.if_match if header == hdrs.IF_MATCH else request.if_none_match) or ()
     return any(tag.value in (etag, ETAG_ANY) and (weak or not tag.is_weak) for tag in tags)
 
 
@@ -138,9 +132,13 @@ def require_for_change(request: web.Request, data: Any, last_modified: int) -> N
 
 
 def file_response(
-    request: web.Request, path: Path, size: int, found: Validators
+    request: web.Request, path: Path, size: int, found: Validators, gone: str
 ) -> web.StreamResponse:
-    """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for."""
+    """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for.
+
+    The file is opened only as the response is sent, and sent from the open file, so a
+    deletion at any moment gives either the whole file or a 404 with ``gone`` as detail.
+    """
     _require_match(request, found.etag, found.last_modified)
     if _not_modified(request, found.etag, found.last_modified):
         raise web.HTTPNotModified(
@@ -150,17 +148,17 @@ def file_response(
                 hdrs.LAST_MODIFIED: http_date(found.last_modified),
             }
         )
-    return _StoredFile(path, found, _range_applies(request, size, found))
+    return _StoredFile(path, size, found, _requested_part(request, size, found), gone)
 
 
-def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
-    """Whether to answer with the part the Range header asks for; 416 if there is none."""
+def _requested_part(request: web.Request, size: int, found: Validators) -> slice | None:
+    """The bytes the Range header asks for (None for all of them); 416 if there are none."""
     if hdrs.RANGE not in request.headers or not _if_range_holds(request, found):
-        return False
+        return None
     try:
         requested = request.http_range
     except ValueError:
-        return False  # a Range we cannot read (several ranges, other units) is ignored
+        return None  # a Range we cannot read (several ranges, other units) is ignored
     empty_suffix = re.fullmatch(r"bytes=-0+", request.headers[hdrs.RANGE].replace(" ", "").lower())
     if empty_suffix or (requested.start is not None and requested.start >= size):
         raise Problem(
@@ -169,7 +167,11 @@ def _range_applies(request: web.Request, size: int, found: Validators) -> bool:
             f"the image has {size} bytes; ask for a range that starts within them",
             {hdrs.CONTENT_RANGE: f"bytes */{size}"},
         )
-    return True
+    if requested.start is None:
+        return None
+    if requested.start < 0:  # the last bytes
+        return slice(max(0, size + requested.start), size)
+    return slice(requested.start, min(size, requested.stop or size))
 
 
 def _if_range_holds(request: web.Request, found: Validators) -> bool:
@@ -184,26 +186,52 @@ def _if_range_holds(request: web.Request, found: Validators) -> bool:
     return date is not None and int(date.timestamp()) == found.last_modified
 
 
-class _StoredFile(web.FileResponse):
-    def __init__(self, path: Path, found: Validators, keep_range: bool) -> None:
-        super().__init__(path)
-        self._found = found
-        self._keep_range = keep_range
+class _StoredFile(web.StreamResponse):
+    def __init__(
+        self, path: Path, size: int, found: Validators, part: slice | None, gone: str
+    ) -> None:
+        super().__init__(status=200 if part is None else 206)
+        self._path = path
+        self._part = part or slice(0, size)
+        self._gone = gone
+        self.content_type = "image/jpeg"
+        self.content_length = self._part.stop - self._part.start
+        self.etag = found.etag
+        self.last_modified = found.last_modified
+        self.headers[hdrs.CACHE_CONTROL] = IMMUTABLE
+        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        if part is not None:
+            self.headers[hdrs.CONTENT_RANGE] = f"bytes {part.start}-{part.stop - 1}/{size}"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        headers = request.headers.copy()
-        for name in _CONDITIONAL_HEADERS:
-            headers.popall(name, None)
-        if not self._keep_range:
-            headers.popall(hdrs.RANGE, None)
-        return await super().prepare(request.clone(headers=headers))
+        try:
+            file = await open_file(self._path, "rb")
+        except FileNotFoundError:
+            return await self._send_problem(request, not_found(self._gone))
+        with file:
+            writer = await super().prepare(request)
+            if request.method != hdrs.METH_HEAD and self.content_length:
+                await _send(request, file, self._part.start, self.content_length)
+                await self.write_eof()
+            return writer
+
+    async def _send_problem(
+        self, request: web.BaseRequest, problem: Problem
+    ) -> AbstractStreamWriter | None:
+        answer = problem.response()
+        self.set_status(answer.status)
+        self.headers.clear()
+        self.headers.update(answer.headers)
+        assert isinstance(answer.body, bytes)
+        self.content_length = len(answer.body)
+        writer = await super().prepare(request)
+        await self.write(answer.body)
+        await self.write_eof()
+        return writer
 
 
-async def restore_validators(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: give a stored file its content validators in place of the
-    ones FileResponse made from the file's mtime and size, and the year of caching, but
-    only when it is really being sent (not on the 404 of a file deleted meanwhile)."""
-    if isinstance(response, _StoredFile) and response.status in (200, 206):
-        response.etag = response._found.etag
-        response.last_modified = response._found.last_modified
-        response.headers[hdrs.CACHE_CONTROL] = IMMUTABLE
+async def _send(request: web.BaseRequest, file: BinaryIO, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the connection closed before the file was sent")
+    await asyncio.get_running_loop().sendfile(transport, file, offset, count)

@@ -270,9 +270,8 @@ class Store:
     async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
         return await self._index.page(limit, after)
 
-    async def image_file(self, record: ImageRecord) -> Path | None:
-        """The stored JPEG's path, or None if it is gone (deleted since the lookup)."""
-        return await self._blobs.existing(self._blobs.path(record.id))
+    def image_path(self, record: ImageRecord) -> Path:
+        return self._blobs.path(record.id)
 
     def may_delete(self, record: ImageRecord, delete_token: str | None) -> bool:
         """Whether ``delete_token`` is this image's own (None: the caller needs none)."""

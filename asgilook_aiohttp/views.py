@@ -79,7 +79,7 @@ class ImageCollection(_Resource):
     async def post(self) -> web.StreamResponse:
         config = self.request.app[CONFIG]
         auth.check_upload(self.request, config.write_token)
-        staged = await uploads.receive(self.request, self.store, config.max_upload_bytes)
+        staged = await uploads.receive(self.request, self.store, config)
         record, delete_token = await self.store.add(staged)
         body = {**self.image_object(record), "delete_token": delete_token}
         return web.json_response(body, status=201, headers={"Location": body["image"]})
@@ -115,11 +115,12 @@ class ImageItem(_Resource):
 class ImageFile(_Resource):
     async def get(self) -> web.StreamResponse:
         record = await self.record()
-        path = await self.store.image_file(record)
-        if path is None:  # deleted since the lookup
-            raise not_found(f"there is no image with id {record.id}")
         return caching.file_response(
-            self.request, path, record.nbytes, caching.validators(record.sha256, record.uploaded)
+            self.request,
+            self.store.image_path(record),
+            record.nbytes,
+            caching.validators(record.sha256, record.uploaded),
+            gone=f"there is no image with id {record.id}",
         )
 
 
@@ -144,7 +145,11 @@ class Thumbnail(_Resource):
         # bytes but not in its date: the date is no strong validator.
         found = caching.validators(thumbnail.sha256, record.uploaded, strong_date=False)
         return caching.file_response(
-            self.request, self.store.thumbnail_path(thumbnail), thumbnail.nbytes, found
+            self.request,
+            self.store.thumbnail_path(thumbnail),
+            thumbnail.nbytes,
+            found,
+            gone=f"there is no image with id {record.id}",
         )
 
 
