@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from .config import Config
+from .connections import close_if_body_unread
 from .errors import problem_middleware
 from .inflight import InFlight
 from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
@@ -41,6 +42,7 @@ def create_app(config: Config) -> web.Application:
     app[IN_FLIGHT] = in_flight
     app[METRICS] = metrics
     app.on_response_prepare.append(metrics.on_response_prepare)
+    app.on_response_prepare.append(close_if_body_unread)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")

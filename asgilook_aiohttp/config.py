@@ -51,6 +51,11 @@ class Config:
     thumbnail_budget_mb: int = 1024
     jpeg_quality: int = 90
     shutdown_timeout: float = 30.0
+    idle_timeout: float = 15.0
+    body_timeout: float = 600.0
+    min_body_rate: int = 1024
+    body_rate_window: float = 30.0
+    max_connections: int = 4096
     unix_path: Path | None = None
     log_format: str = "text"
     write_token: str | None = field(default=None, repr=False)
@@ -234,6 +239,39 @@ _SETTINGS = (
         "--shutdown-timeout",
         _positive_float,
         "seconds to let in-flight requests finish after SIGTERM (default 30)",
+    ),
+    _Setting(
+        "idle_timeout",
+        "--idle-timeout",
+        _positive_float,
+        "seconds a connection may take to send a whole request head, from when it opens or "
+        "from its last response; then it is closed (default 15)",
+    ),
+    _Setting(
+        "body_timeout",
+        "--body-timeout",
+        _positive_float,
+        "seconds a request body may take to arrive in full; then 408 (default 600)",
+    ),
+    _Setting(
+        "min_body_rate",
+        "--min-body-rate",
+        _whole_number(1),
+        "bytes per second a request body must keep arriving at, on average over each "
+        "--body-rate-window; slower gets 408 (default 1024)",
+    ),
+    _Setting(
+        "body_rate_window",
+        "--body-rate-window",
+        _positive_float,
+        "seconds over which a body's arrival rate is averaged (default 30)",
+    ),
+    _Setting(
+        "max_connections",
+        "--max-connections",
+        _whole_number(1),
+        "open connections served at once; more are answered 503 and closed at once "
+        "(default 4096, lowered to fit the open-file limit)",
     ),
     _Setting(
         "unix_path",

@@ -8,12 +8,13 @@ import logging
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from . import systemd
+from . import connections, converter, systemd
 from .app import create_app
 from .config import Config
 from .inflight import InFlight
@@ -31,14 +32,17 @@ def _url(address: Any) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _sites(runner: web.AppRunner, config: Config) -> list[web.BaseSite]:
+async def _listen(
+    protocol: Callable[[], asyncio.BaseProtocol], config: Config
+) -> list[asyncio.Server]:
     """Sockets passed by systemd if any; else the Unix socket if asked for; else TCP."""
+    loop = asyncio.get_running_loop()
     if passed := systemd.listen_sockets():
-        return [web.SockSite(runner, sock) for sock in passed]
+        return [await loop.create_server(protocol, sock=sock) for sock in passed]
     if config.unix_path is not None:
         _remove_stale_socket(config.unix_path)
-        return [web.UnixSite(runner, str(config.unix_path))]
-    return [web.TCPSite(runner, config.host, config.port)]
+        return [await loop.create_unix_server(protocol, str(config.unix_path))]
+    return [await loop.create_server(protocol, config.host, config.port, reuse_address=True)]
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -61,22 +65,29 @@ def _remove_stale_socket(path: Path) -> None:
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight requests finish and stop."""
     systemd.notify("STATUS=starting: opening the storage and the worker processes")
+    cap = connections.connection_cap(config.max_connections)
     app = create_app(config)
     runner = web.AppRunner(
-        app, access_log_class=AccessLogger, shutdown_timeout=config.shutdown_timeout
+        app,
+        access_log_class=AccessLogger,
+        shutdown_timeout=config.shutdown_timeout,
+        **connections.connection_options(config),
     )
     # Startup (index, sweep, worker processes) completes before any socket is bound, so
     # the first connection accepted can already be served.
     await runner.setup()
+    assert runner.server is not None
     watchdog: asyncio.Task[None] | None = None
+    listeners: list[asyncio.Server] = []
     try:
-        for site in _sites(runner, config):
-            await site.start()
+        listeners = await _listen(connections.capped(runner.server, cap), config)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        urls = ", ".join(_url(address) for address in runner.addresses)
+        urls = ", ".join(
+            _url(sock.getsockname()) for listener in listeners for sock in listener.sockets
+        )
         print(f"asgilook-aiohttp listening on {urls}", flush=True)
         systemd.notify("READY=1", f"STATUS=serving on {urls}")
         if (interval := systemd.watchdog_interval()) is not None:
@@ -85,19 +96,24 @@ async def serve(config: Config) -> None:
 
         in_flight = app[IN_FLIGHT]
         systemd.notify("STOPPING=1", f"STATUS=stopping: finishing {in_flight.count} requests")
-        await _drain(runner, in_flight, config.shutdown_timeout)
+        await _drain(runner, listeners, in_flight, config.shutdown_timeout)
     finally:
+        for listener in listeners:
+            listener.close()
         await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
+        converter.stop_helper_processes()
         if watchdog is not None:
             watchdog.cancel()
 
 
-async def _drain(runner: web.AppRunner, in_flight: InFlight, grace: float) -> None:
+async def _drain(
+    runner: web.AppRunner, listeners: list[asyncio.Server], in_flight: InFlight, grace: float
+) -> None:
     """Stop accepting, then give requests in progress ``grace`` seconds in all to end."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    for site in list(runner.sites):
-        await site.stop()
+    for listener in listeners:
+        listener.close()
     _log.info("stopping: waiting for %d requests in progress", in_flight.count)
     try:
         async with asyncio.timeout_at(deadline):

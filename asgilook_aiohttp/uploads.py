@@ -2,17 +2,23 @@
 
 The byte limit holds for the whole request body as it arrives (after any
 Content-Encoding is undone), so an oversized upload is refused after at most one chunk
-beyond the limit, never buffered whole.
+beyond the limit, never buffered whole. The body must also arrive in time: within the
+body timeout in all, and at the minimum rate over every window, so that a client that
+stalls or trickles cannot hold its connection and what it sent for long.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, StreamReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import bad_request, payload_too_large
+from .config import Config
+from .errors import Problem, bad_request, payload_too_large
 from .spool import Staged
 from .store import Store
 
@@ -22,17 +28,30 @@ _CHUNK = 256 * 1024
 _MAX_PARTS = 32
 # What aiohttp raises for a body it cannot parse or decode.
 _UNREADABLE = (ValueError, HttpProcessingError, web.RequestPayloadError)
+# The codings aiohttp undoes as the body arrives; it passes any other through as it is.
+_DECODED = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+_MOST_INFLATION = 100
 
 
-async def receive(request: web.Request, store: Store, limit: int) -> Staged:
+async def receive(request: web.Request, store: Store, config: Config) -> Staged:
     """Stage the uploaded file; the caller owns the result and must add or discard it."""
+    limit = config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    if coding.lower() not in _DECODED:
+        raise Problem(
+            415,
+            "unsupported-encoding",
+            f"Content-Encoding {coding!r} is not supported; send the body as it is, or "
+            "compressed with gzip or deflate",
+        )
     try:
-        if request.content_type == "multipart/form-data":
-            staged = await _receive_multipart(request, store, limit)
-        else:
-            staged = await store.stage(_body_chunks(request, limit))
+        with _in_time(request, config):
+            if request.content_type == "multipart/form-data":
+                staged = await _receive_multipart(request, store, limit)
+            else:
+                staged = await store.stage(_body_chunks(request, limit))
     except _UNREADABLE as error:
         raise bad_request("malformed-body", f"the request body cannot be read: {error}") from None
     if staged.size == 0:
@@ -48,21 +67,24 @@ async def receive(request: web.Request, store: Store, limit: int) -> Staged:
 async def _receive_multipart(request: web.Request, store: Store, limit: int) -> Staged:
     """The part named ``image``, else the first part that carries a file name."""
     chosen: Staged | None = None
+    named_image = False
     try:
         reader = await request.multipart()
         parts = 0
+        # Read to the closing boundary: a form cut short is not a whole upload.
         while (part := await reader.next()) is not None:
             parts += 1
             if parts > _MAX_PARTS:
                 raise ValueError(f"the form has more than {_MAX_PARTS} parts")
             if not isinstance(part, BodyPartReader):
                 raise ValueError("nested multipart bodies are not supported")
-            if part.name == "image" or (chosen is None and part.filename is not None):
+            if not named_image and (
+                part.name == "image" or (chosen is None and part.filename is not None)
+            ):
                 replaced, chosen = chosen, await store.stage(_part_chunks(request, part, limit))
                 if replaced is not None:
                     await store.discard(replaced)
-                if part.name == "image":
-                    break
+                named_image = part.name == "image"
             else:
                 await _drain(_part_chunks(request, part, limit))
     except BaseException:
@@ -97,8 +119,81 @@ async def _part_chunks(
 
 
 def _check_total(request: web.Request, limit: int) -> None:
-    if request.content.total_bytes > limit:
+    content = request.content
+    if content.total_bytes > limit:
         raise _too_large(limit)
+    # Inflating costs the server CPU for each byte it makes; capping the ratio keeps that
+    # in proportion to what the client sent. Images barely compress, so none come near.
+    if content.total_bytes > _MOST_INFLATION * _arrived(content) + _CHUNK:
+        raise payload_too_large(
+            f"the body inflates more than {_MOST_INFLATION} times over; send it as it is "
+            "(images gain nothing from gzip or deflate)",
+            "inflates-too-much",
+        )
+
+
+@contextmanager
+def _in_time(request: web.Request, config: Config) -> Iterator[None]:
+    """Stop the reading task with 408 once the body has taken the body timeout, or
+    brought fewer than the minimum rate of bytes a second over the last window."""
+    task = asyncio.current_task()
+    assert task is not None
+    pace = _Pace(request, task, config)
+    try:
+        yield
+    except asyncio.CancelledError:
+        if pace.verdict and task.uncancel() == 0:
+            raise Problem(408, "body-too-slow", f"{pace.verdict}; nothing was stored") from None
+        raise
+    finally:
+        pace.stop()
+
+
+class _Pace:
+    """Checks a body's progress once a window, and cancels its reader if it falls behind."""
+
+    def __init__(self, request: web.Request, reader: asyncio.Task[Any], config: Config) -> None:
+        self._content = request.content
+        self._reader = reader
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + config.body_timeout
+        self._received = _arrived(self._content)
+        self.verdict = ""
+        self._next_check()
+
+    def _next_check(self) -> None:
+        at = min(self._loop.time() + self._config.body_rate_window, self._deadline)
+        self._check = self._loop.call_at(at, self._judge)
+
+    def _judge(self) -> None:
+        if self._content.is_eof():
+            return  # all of it is here: what is left is the server's own work
+        config = self._config
+        arrived = _arrived(self._content) - self._received
+        self._received += arrived
+        if self._loop.time() >= self._deadline:
+            self.verdict = f"the body took longer than this server's {config.body_timeout:g} s"
+        elif arrived < config.min_body_rate * config.body_rate_window:
+            self.verdict = (
+                f"the body arrived at {arrived / config.body_rate_window:.0f} bytes/s over "
+                f"{config.body_rate_window:g} s; this server needs at least "
+                f"{config.min_body_rate} bytes/s"
+            )
+        if self.verdict:
+            self._reader.cancel()
+        else:
+            self._next_check()
+
+    def stop(self) -> None:
+        self._check.cancel()
+
+
+def _arrived(content: StreamReader) -> int:
+    """Bytes of the body received so far, as sent (before any Content-Encoding is undone)."""
+    # StreamReader.total_raw_bytes says this, but fails on the reader of an empty body.
+    compressed: int | None = getattr(content, "total_compressed_bytes", None)
+    return content.total_bytes if compressed is None else compressed
 
 
 def _too_large(limit: int) -> Exception:

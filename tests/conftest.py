@@ -3,14 +3,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from asgilook_aiohttp.app import create_app
 from asgilook_aiohttp.config import Config
+from asgilook_aiohttp.connections import connection_options
 
 from checks import Client, ClientFactory
 from serving import stop_all
@@ -27,11 +28,15 @@ def config(storage: Path) -> Config:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: AiohttpClient, config: Config) -> ClientFactory:
+def make_client(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, config: Config
+) -> ClientFactory:
     """A client for a fresh app on the test's storage; keyword arguments override config."""
 
     async def make(**overrides: Any) -> Client:
-        return await aiohttp_client(create_app(replace(config, **overrides)))
+        configured = replace(config, **overrides)
+        server = await aiohttp_server(create_app(configured), **connection_options(configured))
+        return cast(Client, await aiohttp_client(server))
 
     return make
 
