@@ -11,13 +11,16 @@ import json
 import logging
 import re
 import sys
+import time
 import uuid
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 HEADER = "X-Request-ID"
@@ -91,9 +94,68 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _ClientFaults(logging.Filter):
+    """A request too malformed for aiohttp to parse is the client's mistake, not the
+    server's: one INFO line, not an ERROR with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name == "aiohttp.server" and isinstance(error, HttpProcessingError):
+            record.msg = "refused a malformed request: %s"
+            record.args = (error.message,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class _Throttle(logging.Filter):
+    """Lets through at most ``burst`` warnings or errors of each kind (logger, level and
+    message template) a minute, so that a flood of one failure cannot fill the disk or
+    drown the rest; the first one after a quiet spell says how many were left out."""
+
+    def __init__(self, burst: int = 10, interval: float = 60.0) -> None:
+        super().__init__()
+        self._burst = burst
+        self._interval = interval
+        self._kinds: dict[tuple[str, int, object], _Spell] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, record.levelno, record.msg)
+        now = time.monotonic()
+        spell = self._kinds.get(kind)
+        if spell is None or now - spell.started >= self._interval:
+            if len(self._kinds) >= _MOST_KINDS:
+                self._kinds.clear()
+            self._kinds[kind] = _Spell(now)
+            if spell is not None and spell.left_out:
+                record.msg = f"{record.getMessage()} (and {spell.left_out} like it not logged)"
+                record.args = ()
+            return True
+        spell.passed += 1
+        if spell.passed <= self._burst:
+            return True
+        spell.left_out += 1
+        return False
+
+
+@dataclass
+class _Spell:
+    started: float
+    passed: int = 1
+    left_out: int = 0
+
+
+# Messages are templates in the code, so kinds are few; this bounds them all the same.
+_MOST_KINDS = 1000
+
+
 def configure(log_format: str) -> None:
     """Send INFO and above to standard error, as text or as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ClientFaults())
+    handler.addFilter(_Throttle())
     handler.addFilter(_RequestIdFilter())
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
