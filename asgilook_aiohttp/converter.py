@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import forkserver, resource_tracker
 from typing import Any, TypeVar
 
 from . import imaging
@@ -66,12 +67,22 @@ class WorkerLost(ConverterUnavailable):
 
 
 def _context() -> multiprocessing.context.ForkServerContext:
-    # Forking a process that runs threads (asyncio's executors, aiofiles) can deadlock
-    # the child; forkserver children start from a clean, single-threaded server that
-    # has already imported Pillow.
+    # Forking a process that runs threads (asyncio's executors) can deadlock the child;
+    # forkserver children start from a clean, single-threaded server that has already
+    # imported Pillow.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([imaging.__name__])
     return context
+
+
+def stop_helper_processes() -> None:
+    """Stop multiprocessing's fork server and resource tracker and wait for them, once the
+    workers are gone. Left alone, each exits only after noticing that the server has, so
+    a service manager would find them still running and kill them."""
+    # Both are module-level singletons; their _stop() closes the pipe that keeps the
+    # process running and reaps it. It does nothing for one that never started.
+    forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 
 class _Lane:
