@@ -34,6 +34,17 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
+def pixels_if_small(data: bytes, most: int = 1_000_000) -> bytes | None:
+    """The RGB pixels of an image of at most ``most`` pixels, or None for any other data."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > most:
+                return None
+            return image.convert("RGB").tobytes()
+    except Exception:
+        return None
+
+
 def two_tone(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> Image.Image:
     """Red on the left half, blue on the right: shows where a rotation went."""
     image = Image.new("RGB", size, RED)
