@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from asgilook_aiohttp.config import Config
+from asgilook_aiohttp.connections import SPARE_DESCRIPTORS
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICE = DEPLOY / "asgilook-aiohttp.service"
 SOCKET = DEPLOY / "asgilook-aiohttp.socket"
@@ -222,6 +225,11 @@ def test_service_syscall_filter_keeps_setrlimit(service: Unit) -> None:
     assert not denied & {"@resources", "@default", "setrlimit", "prlimit64"}
     # The forkserver forks its workers, and everything needs sockets.
     assert not denied & {"@process", "@network-io", "fork", "clone", "socket", "socketpair"}
+
+
+def test_descriptor_limit_holds_every_connection_served(service: Unit) -> None:
+    limit = int(last(service, "Service", "LimitNOFILE"))
+    assert limit - SPARE_DESCRIPTORS >= Config(storage_path=Path()).max_connections
 
 
 def test_stop_timeout_outlasts_the_drain(service: Unit) -> None:
