@@ -39,9 +39,13 @@ def connection_options(config: Config) -> dict[str, Any]:
         # Also the time to send a whole request head: aiohttp closes a connection whose
         # next request has not fully arrived when its keep-alive time runs out.
         "keepalive_timeout": config.idle_timeout,
-        # How long the rest of a refused body is read and dropped, so that the answer
-        # reaches the client before the connection is reset.
+        # How long a connection stays open after refusing a body that is still arriving,
+        # so that the answer reaches the client before the connection is reset.
         "lingering_time": _LINGER,
+        # Uploads with a Content-Encoding are refused, so nothing is ever inflated; left
+        # on, aiohttp would inflate what arrives with the request head before the
+        # refusal, a thousand bytes for each one a gzip bomb sends.
+        "auto_decompress": False,
     }
 
 
@@ -135,10 +139,12 @@ class _Shed(asyncio.Protocol):
 
 async def close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: a request answered before its body was read to the end
-    (refused for its size, its pace, its token...) ends its connection. The rest of the
-    body is dropped as it arrives, unparsed and undecompressed, instead of being read on
-    at the sender's pace."""
+    (refused for its size, its pace, its token...) ends its connection. Nothing more of
+    the body is read: the answer has until the end of aiohttp's lingering time to reach
+    the client, and then the connection is closed."""
     if not request.content.is_eof():
         response.force_close()
         response.headers[hdrs.CONNECTION] = "close"  # its headers are made already
-        request.protocol.close()
+        request.protocol.close()  # what aiohttp has buffered is dropped, unparsed
+        if request.transport is not None:
+            request.transport.pause_reading()

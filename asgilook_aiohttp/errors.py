@@ -64,8 +64,8 @@ def bad_request(slug: str, detail: str) -> Problem:
     return Problem(400, slug, detail)
 
 
-def payload_too_large(detail: str, slug: str = "too-large") -> Problem:
-    return Problem(413, slug, detail)
+def payload_too_large(detail: str) -> Problem:
+    return Problem(413, "too-large", detail)
 
 
 _IMAGE_PROBLEMS: dict[type[imaging.ImageRejected], tuple[int, str]] = {

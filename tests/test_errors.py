@@ -84,15 +84,12 @@ async def test_multipart_without_a_file_is_400(client: Client, storage: Path) ->
         (b"--xyz\r\na header without a colon\r\n\r\ndata\r\n--xyz--\r\n", {}),
         (b"--xyz\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\ndata\r\n--xyz--\r\n", {}),
         (b"--other\r\n\r\n", {}),
-        (b"this is not deflate", {"Content-Encoding": "deflate"}),
     ],
 )
 async def test_unreadable_body_is_400(
     client: Client, storage: Path, body: bytes, headers: dict[str, str]
 ) -> None:
     content_type = "multipart/form-data; boundary=xyz"
-    if "Content-Encoding" in headers:
-        content_type = "image/png"
     response = await client.post(
         "/images", data=body, headers={"Content-Type": content_type, **headers}
     )

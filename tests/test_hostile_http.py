@@ -261,24 +261,17 @@ async def test_a_body_past_the_body_timeout_gets_408(
     assert_nothing_stored(storage)
 
 
-@pytest.mark.parametrize("coding", ["x-foo", "gzip, gzip", "compress"])
-async def test_a_content_encoding_the_server_cannot_undo_is_415(
-    client: Client, storage: Path, coding: str
-) -> None:
-    response = await client.post(
-        "/images", data=samples.small_png(), headers={"Content-Encoding": coding}
-    )
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "GZIP", "x-foo", "gzip, gzip", "compress"])
+async def test_a_coded_body_is_415_unread(client: Client, storage: Path, coding: str) -> None:
+    packed = zlib.compress(samples.small_png())
+    response = await client.post("/images", data=packed, headers={"Content-Encoding": coding})
     body = await assert_problem(response, 415, "unsupported-encoding")
     assert coding in body["detail"]
     assert_nothing_stored(storage)
-
-
-async def test_gzip_and_deflate_bodies_are_undone(client: Client) -> None:
-    for coding, wbits in (("gzip", 31), ("deflate", 15)):
-        packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
-        packed = packer.compress(samples.small_png()) + packer.flush()
-        response = await client.post("/images", data=packed, headers={"Content-Encoding": coding})
-        assert response.status == 201
+    identity = await client.post(
+        "/images", data=samples.small_png(), headers={"Content-Encoding": "identity"}
+    )
+    assert identity.status == 201
 
 
 @pytest.mark.parametrize(
@@ -438,12 +431,13 @@ async def test_a_gzip_bomb_is_refused_for_little_cpu(server: Server) -> None:
     sending = asyncio.create_task(connection.send(bomb))
     async with asyncio.timeout(30):
         status, headers, body = await connection.response()
-        assert status == 413
-        assert b"inflates-too-much" in body
+        assert status == 415
+        assert b"unsupported-encoding" in body
         assert headers["connection"] == "close"
         assert await connection.closed_by_server()
     sending.cancel()
-    # Inflating all of it would take the server seconds; refusing it, the first 32 MiB.
+    # Inflating all of it would take the server seconds, and its first 32 MiB a few tens
+    # of milliseconds each time it is sent.
     assert cpu_seconds(server.process.pid) - before < 1.5
 
 
