@@ -221,12 +221,11 @@ def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[i
 
 def _jpeg_layout(data: bytes) -> Jpeg:
     """The JPEG's segments, once they are known to cost little to decode."""
-    layout = Jpeg(data, _MAX_JPEG_SEGMENTS)
-    if (scans := layout.scans) > _MAX_JPEG_SCANS:
+    layout = Jpeg(data, _MAX_JPEG_SEGMENTS, _MAX_JPEG_SCANS)
+    if layout.scans > _MAX_JPEG_SCANS:
         raise TooComplex(
-            f"the JPEG has {'more than ' if layout.too_long else ''}{scans:,} scans, each one "
-            f"more pass over the whole image; at most {_MAX_JPEG_SCANS} are accepted "
-            "(encoders write about 10)"
+            f"the JPEG has more than {_MAX_JPEG_SCANS} scans, each one more pass over the "
+            "whole image; encoders write about 10"
         )
     if layout.too_long:
         raise TooComplex(

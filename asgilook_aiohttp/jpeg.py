@@ -44,13 +44,14 @@ class Jpeg:
     """The first image of a JPEG file, walked as a decoder walks it: SOI, then segments up
     to its EOI, stepping over stray bytes between them.
 
-    The walk stops after ``max_segments + 1`` segments (see ``too_long``), so that it costs
-    little whatever the file holds.
+    The walk stops after ``max_segments + 1`` segments (see ``too_long``), or after
+    ``max_scans + 1`` scans, so that it costs little whatever the file holds.
     """
 
-    def __init__(self, data: bytes, max_segments: int) -> None:
+    def __init__(self, data: bytes, max_segments: int, max_scans: int | None = None) -> None:
         self._data = data
-        self.segments = _segments(data, max_segments + 1)
+        scan_limit = max_segments if max_scans is None else max_scans
+        self.segments = _segments(data, max_segments + 1, scan_limit + 1)
         self.too_long = len(self.segments) > max_segments
 
     @property
@@ -96,12 +97,13 @@ def is_jpeg(data: bytes) -> bool:
     return data.startswith(_SOI + b"\xff")
 
 
-def _segments(data: bytes, limit: int) -> list[Segment]:
+def _segments(data: bytes, limit: int, scan_limit: int) -> list[Segment]:
     segments: list[Segment] = []
     if not data.startswith(_SOI):
         return segments
     pos = len(_SOI)
-    while pos < len(data) and len(segments) < limit:
+    scans = 0
+    while pos < len(data) and len(segments) < limit and scans < scan_limit:
         at = _past(_FILL, data, pos) - 1  # the last 0xFF before the marker byte
         if at < pos or at + 1 >= len(data) or _is_in_data(data[at + 1]):
             end = _past(_UP_TO_A_MARKER, data, pos)
@@ -119,6 +121,7 @@ def _segments(data: bytes, limit: int) -> list[Segment]:
             break  # cut off, or a length no decoder would accept
         if marker == _SOS:
             end = _past(_UP_TO_A_MARKER, data, end)
+            scans += 1
         segments.append(Segment(marker, at, end))
         pos = end
     return segments
