@@ -237,6 +237,11 @@ class Store:
                     delete_token_sha256=delete_token_sha256,
                 )
                 await self._index.add(record)
+            except imaging.ImageRejected:
+                # Refused before the worker wrote anything: the id is as good as new, and
+                # keeping it spares a refusal the index write and file checks below.
+                self._spare_ids.append(image_id)
+                raise
             except BaseException:
                 await self._blobs.discard(placement.staging)  # its worker may have died
                 await self._blobs.delete(image_id)
