@@ -81,11 +81,12 @@ async def test_ids_are_journaled_ahead_and_each_is_cleared_once_used(
     assert (await client.post("/images", data=png)).status == 201
     assert index_rows(storage) == (1, SPARE_IDS - 1)  # a batch journaled, one id used
     assert (await client.post("/images", data=b"not an image")).status == 415
-    assert index_rows(storage) == (1, SPARE_IDS - 2)  # a refused upload's id is dropped too
-    for _ in range(SPARE_IDS - 1):  # the rest of the batch, then one from a new batch
+    # A refused upload's id is given back unused: no journal write for a refusal.
+    assert index_rows(storage) == (1, SPARE_IDS - 1)
+    for _ in range(SPARE_IDS):  # the rest of the batch, then one from a new batch
         assert (await client.post("/images", data=png)).status == 201
-    assert index_rows(storage) == (SPARE_IDS, SPARE_IDS - 1)
-    listed = await (await client.get(f"/images?limit={SPARE_IDS + 1}")).json()
-    assert len({image["id"] for image in listed}) == SPARE_IDS
+    assert index_rows(storage) == (SPARE_IDS + 1, SPARE_IDS - 1)
+    listed = await (await client.get(f"/images?limit={SPARE_IDS + 2}")).json()
+    assert len({image["id"] for image in listed}) == SPARE_IDS + 1
     await client.close()
-    assert index_rows(storage) == (SPARE_IDS, 0)  # spare ids are let go at shutdown
+    assert index_rows(storage) == (SPARE_IDS + 1, 0)  # spare ids are let go at shutdown
