@@ -132,12 +132,13 @@ def require_for_change(request: web.Request, data: Any, last_modified: int) -> N
 
 
 def file_response(
-    request: web.Request, path: Path, size: int, found: Validators, gone: str
+    request: web.Request, path: Path, size: int, found: Validators, *, gone: str, pace: Pace
 ) -> web.StreamResponse:
     """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for.
 
     The file is opened only as the response is sent, and sent from the open file, so a
     deletion at any moment gives either the whole file or a 404 with ``gone`` as detail.
+    A client that does not read it at ``pace`` has its connection closed.
     """
     _require_match(request, found.etag, found.last_modified)
     if _not_modified(request, found.etag, found.last_modified):
@@ -148,7 +149,8 @@ def file_response(
                 hdrs.LAST_MODIFIED: http_date(found.last_modified),
             }
         )
-    return _StoredFile(path, size, found, _requested_part(request, size, found), gone)
+    part = _requested_part(request, size, found)
+    return _StoredFile(path, size, found, part, gone=gone, pace=pace)
 
 
 def _requested_part(request: web.Request, size: int, found: Validators) -> slice | None:
@@ -186,12 +188,32 @@ def _if_range_holds(request: web.Request, found: Validators) -> bool:
     return date is not None and int(date.timestamp()) == found.last_modified
 
 
+@dataclass(frozen=True)
+class Pace:
+    """The slowest a body may move: ``min_rate`` bytes a second, but never less than
+    ``window`` seconds allowed for it."""
+
+    min_rate: int
+    window: float
+
+    def seconds_for(self, nbytes: int) -> float:
+        return max(self.window, nbytes / self.min_rate)
+
+
 class _StoredFile(web.StreamResponse):
     def __init__(
-        self, path: Path, size: int, found: Validators, part: slice | None, gone: str
+        self,
+        path: Path,
+        size: int,
+        found: Validators,
+        part: slice | None,
+        *,
+        gone: str,
+        pace: Pace,
     ) -> None:
         super().__init__(status=200 if part is None else 206)
         self._path = path
+        self._pace = pace
         self._part = part or slice(0, size)
         self._gone = gone
         self.content_type = "image/jpeg"
@@ -208,10 +230,18 @@ class _StoredFile(web.StreamResponse):
             file = await open_file(self._path, "rb")
         except FileNotFoundError:
             return await self._send_problem(request, not_found(self._gone))
+        except OSError as error:  # out of descriptors, say: nothing wrong with the file
+            unavailable = Problem(
+                503,
+                "cannot-open",
+                f"the server cannot open the image just now ({error.strerror}); try again",
+                {"Retry-After": "1"},
+            )
+            return await self._send_problem(request, unavailable)
         with file:
             writer = await super().prepare(request)
             if request.method != hdrs.METH_HEAD and self.content_length:
-                await _send(request, file, self._part.start, self.content_length)
+                await _send(request, file, self._part.start, self.content_length, self._pace)
                 await self.write_eof()
             return writer
 
@@ -225,13 +255,23 @@ class _StoredFile(web.StreamResponse):
         assert isinstance(answer.body, bytes)
         self.content_length = len(answer.body)
         writer = await super().prepare(request)
-        await self.write(answer.body)
+        if request.method != hdrs.METH_HEAD:
+            await self.write(answer.body)
         await self.write_eof()
         return writer
 
 
-async def _send(request: web.BaseRequest, file: BinaryIO, offset: int, count: int) -> None:
+async def _send(
+    request: web.BaseRequest, file: BinaryIO, offset: int, count: int, pace: Pace
+) -> None:
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("the connection closed before the file was sent")
-    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+    try:
+        async with asyncio.timeout(pace.seconds_for(count)):
+            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+    except TimeoutError:
+        # A client that stops reading would otherwise hold its connection and the open
+        # file for as long as it likes.
+        transport.abort()
+        raise ConnectionResetError("the client did not read the file in time") from None

@@ -258,7 +258,7 @@ _SETTINGS = (
         "--min-body-rate",
         _whole_number(1),
         "bytes per second a request body must keep arriving at, on average over each "
-        "--body-rate-window; slower gets 408 (default 1024)",
+        "--body-rate-window (slower gets 408), and a download must be read at (default 1024)",
     ),
     _Setting(
         "body_rate_window",

@@ -29,6 +29,11 @@ class _Resource(web.View):
     async def head(self) -> web.StreamResponse:
         return await self.get()
 
+    @property
+    def send_pace(self) -> caching.Pace:
+        config = self.request.app[CONFIG]
+        return caching.Pace(config.min_body_rate, config.body_rate_window)
+
     async def record(self) -> ImageRecord:
         image_id = self.request.match_info["image_id"]
         record = await self.store.get(image_id)
@@ -121,6 +126,7 @@ class ImageFile(_Resource):
             record.nbytes,
             caching.validators(record.sha256, record.uploaded),
             gone=f"there is no image with id {record.id}",
+            pace=self.send_pace,
         )
 
 
@@ -150,6 +156,7 @@ class Thumbnail(_Resource):
             thumbnail.nbytes,
             found,
             gone=f"there is no image with id {record.id}",
+            pace=self.send_pace,
         )
 
 
