@@ -39,12 +39,12 @@ def connection_options(config: Config) -> dict[str, Any]:
         # Also the time to send a whole request head: aiohttp closes a connection whose
         # next request has not fully arrived when its keep-alive time runs out.
         "keepalive_timeout": config.idle_timeout,
-        # How long a connection stays open after refusing a body that is still arriving,
-        # so that the answer reaches the client before the connection is reset.
+        # How long the rest of a refused body is dropped as it arrives, so that the
+        # answer reaches a client still sending before the connection is closed.
         "lingering_time": _LINGER,
         # Uploads with a Content-Encoding are refused, so nothing is ever inflated; left
         # on, aiohttp would inflate what arrives with the request head before the
-        # refusal, a thousand bytes for each one a gzip bomb sends.
+        # refusal, many times over what a gzip bomb sends.
         "auto_decompress": False,
     }
 
@@ -56,7 +56,9 @@ def connection_cap(wanted: int) -> int:
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
-    fits = max(1, soft - SPARE_DESCRIPTORS)
+    # A connection may hold a second descriptor: the file it is being sent, or its upload's
+    # staging file.
+    fits = max(1, (soft - SPARE_DESCRIPTORS) // 2)
     if wanted > fits:
         _log.warning(
             "serving at most %d connections, not %d: the open-file limit is %d "
@@ -139,12 +141,11 @@ class _Shed(asyncio.Protocol):
 
 async def close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: a request answered before its body was read to the end
-    (refused for its size, its pace, its token...) ends its connection. Nothing more of
-    the body is read: the answer has until the end of aiohttp's lingering time to reach
-    the client, and then the connection is closed."""
+    (refused for its size, its pace, its token...) ends its connection. What more of the
+    body arrives is dropped unparsed until aiohttp's lingering time is up, so that a
+    client busy sending still gets to read the answer, and then the connection is
+    closed."""
     if not request.content.is_eof():
         response.force_close()
         response.headers[hdrs.CONNECTION] = "close"  # its headers are made already
-        request.protocol.close()  # what aiohttp has buffered is dropped, unparsed
-        if request.transport is not None:
-            request.transport.pause_reading()
+        request.protocol.close()  # from now on, aiohttp drops what arrives, unparsed
