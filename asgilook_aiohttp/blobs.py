@@ -82,7 +82,7 @@ def _fsync_directory(path: Path) -> None:
 
 async def open_file(path: Path, mode: str) -> BinaryIO:
     """Open a file off the event loop. If the caller is cancelled meanwhile, the file is
-    closed as soon as it is open, instead of being left to the garbage collector."""
+    closed once open, instead of being left to the garbage collector."""
 
     def open_it() -> BinaryIO:
         return cast(BinaryIO, open(path, mode))
@@ -91,13 +91,11 @@ async def open_file(path: Path, mode: str) -> BinaryIO:
     try:
         return await asyncio.shield(opening)
     except asyncio.CancelledError:
-        opening.add_done_callback(_close_opened)
+        # Let the open finish, so that the caller's clean-up (removing a file it was
+        # creating, say) comes after it, not before.
+        with contextlib.suppress(OSError):
+            (await opening).close()
         raise
-
-
-def _close_opened(opening: asyncio.Future[BinaryIO]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
 
 
 class Blobs:

@@ -16,6 +16,7 @@ share) is tried again every ``CATCH_UP_SECONDS`` until it is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -55,6 +56,12 @@ RESERVE_FILE = f"{INDEX_FILE}-reserve"
 CATCH_UP_SECONDS = 1.0
 # Image ids journaled as pending in one write, ahead of the uploads that will take them.
 SPARE_IDS = 64
+
+
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class Store:
@@ -178,7 +185,7 @@ class Store:
             store._image_count, store._image_bytes = await index.totals()
             store._watch(metrics)
             catching_up = asyncio.create_task(store._catch_up_while_open())
-            resources.callback(catching_up.cancel)
+            resources.push_async_callback(_cancelled, catching_up)
             yield store
             await store._finish_unfinished()
             await store._unjournal(store._spare_ids)
@@ -216,7 +223,7 @@ class Store:
 
     async def _add(self, staged: Staged, delete_token_sha256: str) -> ImageRecord:
         try:
-            self._check_room()
+            self.check_room()
             image_id = await self._new_id()
             placement = self._blobs.image_placement(image_id)
             try:
@@ -266,7 +273,7 @@ class Store:
             if not self._spare_ids:
                 batch = [str(uuid.uuid4()) for _ in range(SPARE_IDS)]
                 await self._index.add_pending(batch)
-                self._spare_ids = batch
+                self._spare_ids.extend(batch)  # beside any a refusal gave back meanwhile
             return self._spare_ids.pop()
 
     async def get(self, image_id: str) -> ImageRecord | None:
@@ -324,7 +331,7 @@ class Store:
             return
         self._stale_ids.difference_update(stale)
 
-    def _check_room(self) -> None:
+    def check_room(self) -> None:
         """Refuse work that takes space while the reserve is given up: what room is left
         belongs to deletions until it is set aside again."""
         if not self._reserve.held:
@@ -378,7 +385,7 @@ class Store:
         self, record: ImageRecord, width: int, height: int
     ) -> ThumbnailRecord | None:
         """A thumbnail of a listed size, made now; None if the image has gone meanwhile."""
-        self._check_room()
+        self.check_room()
         return await self._thumbnails.make(record, width, height)
 
     def thumbnail_path(self, thumbnail: ThumbnailRecord) -> Path:

@@ -29,7 +29,7 @@ _MAX_PARTS = 32
 # What aiohttp raises for a body it cannot parse or decode.
 _UNREADABLE = (ValueError, HttpProcessingError, web.RequestPayloadError)
 # Images are compressed already: a coded body gains nothing, while undoing it would cost
-# the server CPU for every byte it makes, and a bomb makes a thousand for each one sent.
+# the server CPU for every byte it makes, and a bomb makes many for each one sent.
 _AS_IS = frozenset({"", "identity"})
 
 
@@ -38,13 +38,15 @@ async def receive(request: web.Request, store: Store, config: Config) -> Staged:
     limit = config.max_upload_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    coding = request.headers.get(hdrs.CONTENT_ENCODING, "")
-    if coding.lower() not in _AS_IS:
+    store.check_room()  # a full disk refuses the upload before its body is read
+    codings = ", ".join(request.headers.getall(hdrs.CONTENT_ENCODING, ()))
+    if any(coding.strip().lower() not in _AS_IS for coding in codings.split(",")):
         raise Problem(
             415,
             "unsupported-encoding",
-            f"uploads are taken as they are, not with Content-Encoding {coding!r}; images "
+            f"uploads are taken as they are, not with Content-Encoding {codings!r}; images "
             "are compressed already, so send the file itself",
+            {hdrs.ACCEPT_ENCODING: "identity"},
         )
     try:
         with _in_time(request, config):
@@ -129,18 +131,18 @@ def _in_time(request: web.Request, config: Config) -> Iterator[None]:
     brought fewer than the minimum rate of bytes a second over the last window."""
     task = asyncio.current_task()
     assert task is not None
-    pace = _Pace(request, task, config)
+    arrival = _Arrival(request, task, config)
     try:
         yield
     except asyncio.CancelledError:
-        if pace.verdict and task.uncancel() == 0:
-            raise Problem(408, "body-too-slow", f"{pace.verdict}; nothing was stored") from None
+        if arrival.verdict and task.uncancel() == 0:
+            raise Problem(408, "body-too-slow", f"{arrival.verdict}; nothing was stored") from None
         raise
     finally:
-        pace.stop()
+        arrival.stop()
 
 
-class _Pace:
+class _Arrival:
     """Checks a body's progress once a window, and cancels its reader if it falls behind."""
 
     def __init__(self, request: web.Request, reader: asyncio.Task[Any], config: Config) -> None:
