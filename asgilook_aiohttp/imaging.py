@@ -46,12 +46,12 @@ _SRGB = ImageCms.createProfile("sRGB")
 # bombs, made to keep a worker busy or its memory full for the cost of a few bytes.
 _FREE_PIXELS = 16_000_000
 _PIXELS_PER_BYTE = 1024
-# A progressive JPEG is decoded by one pass over the image for each scan: encoders write
-# about ten, and libtiff refuses JPEG data with over 100 by default.
-_MAX_JPEG_SCANS = 100
+# A progressive JPEG is decoded by one pass over the image for each scan; encoders write
+# few, and libtiff refuses JPEG data with more than this by default.
+MAX_JPEG_SCANS = 100
 # Pillow reads a JPEG's headers in Python, one segment, and one byte between segments, at
-# a time: a file of nothing but empty segments or stray bytes would take it seconds.
-_MAX_JPEG_SEGMENTS = 1000
+# a time: a file of nothing but empty segments or stray bytes would keep it busy.
+MAX_JPEG_SEGMENTS = 1000
 _MAX_JPEG_STRAY_BYTES = 64 * 1024
 # ICO decodes its largest icon while opening, at whatever size the icon's own header says.
 _DECODED_WHILE_OPENING = ["ICO"]
@@ -221,15 +221,15 @@ def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[i
 
 def _jpeg_layout(data: bytes) -> Jpeg:
     """The JPEG's segments, once they are known to cost little to decode."""
-    layout = Jpeg(data, _MAX_JPEG_SEGMENTS, _MAX_JPEG_SCANS)
-    if layout.scans > _MAX_JPEG_SCANS:
+    layout = Jpeg(data, MAX_JPEG_SEGMENTS, MAX_JPEG_SCANS)
+    if layout.scans > MAX_JPEG_SCANS:
         raise TooComplex(
-            f"the JPEG has more than {_MAX_JPEG_SCANS} scans, each one more pass over the "
+            f"the JPEG has more than {MAX_JPEG_SCANS} scans, each one more pass over the "
             "whole image; encoders write about 10"
         )
     if layout.too_long:
         raise TooComplex(
-            f"the JPEG has more than {_MAX_JPEG_SEGMENTS:,} marker segments; "
+            f"the JPEG has more than {MAX_JPEG_SEGMENTS:,} marker segments; "
             "no encoder writes that many"
         )
     if (stray := layout.stray_bytes_in_headers) > _MAX_JPEG_STRAY_BYTES:

@@ -139,7 +139,10 @@ class Index:
                 return True
             db.close()
             self._db = None
-            self._open()
+            try:
+                self._open()
+            except sqlite3.Error:  # locked by a reader that was waiting, say: next time
+                self._db, self._shared = self._connect(shared=False), False
             return self._shared
 
         return await self._call(share)

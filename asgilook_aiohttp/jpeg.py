@@ -26,7 +26,7 @@ _OTHER_FRAMES = frozenset(range(0xC3, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # bytes (0xFF), followed by a byte other than 0x00 (a stuffed 0xFF) and those of the
 # markers that neither carry nor end anything (TEM, RSTn, and an SOI out of place).
 # Decoders skip stray bytes between segments the same way. Matched in C, not byte by byte
-# in Python: a run of fill bytes or stuffed bytes costs nanoseconds a byte.
+# in Python, so that long runs of fill bytes or stuffed bytes cost little.
 _UP_TO_A_MARKER = re.compile(rb"(?:[^\xff]++|\xff++[\x00\x01\xd0-\xd8])*+")
 _FILL = re.compile(rb"\xff*+")
 
@@ -48,10 +48,9 @@ class Jpeg:
     ``max_scans + 1`` scans, so that it costs little whatever the file holds.
     """
 
-    def __init__(self, data: bytes, max_segments: int, max_scans: int | None = None) -> None:
+    def __init__(self, data: bytes, max_segments: int, max_scans: int) -> None:
         self._data = data
-        scan_limit = max_segments if max_scans is None else max_scans
-        self.segments = _segments(data, max_segments + 1, scan_limit + 1)
+        self.segments = _segments(data, max_segments + 1, max_scans + 1)
         self.too_long = len(self.segments) > max_segments
 
     @property

@@ -123,7 +123,7 @@ class _Throttle(logging.Filter):
         if record.levelno < logging.WARNING:
             return True
         kind = (record.name, record.levelno, record.msg)
-        now = time.monotonic()
+        now = _clock()
         spell = self._kinds.get(kind)
         if spell is None or now - spell.started >= self._interval:
             if len(self._kinds) >= _MOST_KINDS:
@@ -147,6 +147,7 @@ class _Spell:
     left_out: int = 0
 
 
+_clock = time.monotonic
 # Messages are templates in the code, so kinds are few; this bounds them all the same.
 _MOST_KINDS = 1000
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# A deletion's transaction appends a dozen pages to the write-ahead log; the index's
-# shared-memory file takes 32 KiB. This covers both many times over.
+# Room for a deletion's transaction in the write-ahead log and for the index's
+# shared-memory file, with a wide margin (the README has the figures).
 RESERVE_BYTES = 1024 * 1024
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

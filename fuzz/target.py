@@ -36,7 +36,9 @@ def fuzz(argv: list[str]) -> None:
 
     def one_input(data: bytes) -> None:
         started = time.process_time()
-        stripped = jpeg.Jpeg(data, 1000).strip_metadata(keep_icc=True)
+        stripped = jpeg.Jpeg(
+            data, imaging.MAX_JPEG_SEGMENTS, imaging.MAX_JPEG_SCANS
+        ).strip_metadata(keep_icc=True)
         try:
             imaging.convert(data, placement, 50_000_000, 90)
         except imaging.ImageRejected:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from asgilook_aiohttp.imaging import MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS
 from asgilook_aiohttp.jpeg import Jpeg
 
 import samples
@@ -49,7 +50,7 @@ def mutated_seeds(draw: st.DrawFn) -> bytes:
 @settings(_DETERMINISTIC, max_examples=500)
 @given(mutated_seeds())
 def test_strip_metadata_never_raises_and_keeps_the_pixels(data: bytes) -> None:
-    stripped = Jpeg(data, 1000).strip_metadata(keep_icc=True)
+    stripped = Jpeg(data, MAX_JPEG_SEGMENTS, MAX_JPEG_SCANS).strip_metadata(keep_icc=True)
     if stripped is not None and (pixels := samples.pixels_if_small(data)) is not None:
         assert samples.pixels_if_small(stripped) == pixels
 
@@ -68,7 +69,7 @@ def test_walking_a_jpeg_costs_little_for_each_byte_whatever_it_holds(
     at = 200 if where == "headers" else len(seed) - 2  # in the first segments; before EOI
     data = seed[:at] + pattern * (16 * 1024 * 1024 // len(pattern)) + seed[at:]
     started = time.process_time()
-    Jpeg(data, 1000).strip_metadata(keep_icc=True)
+    Jpeg(data, MAX_JPEG_SEGMENTS, MAX_JPEG_SCANS).strip_metadata(keep_icc=True)
     assert time.process_time() - started < 1
 
 

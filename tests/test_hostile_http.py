@@ -506,7 +506,11 @@ async def test_malformed_requests_are_one_line_each_not_tracebacks(tmp_path: Pat
     assert log.count("INFO aiohttp.server [-] refused a malformed request") == 3
 
 
-def test_a_flood_of_one_error_is_logged_a_few_times(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_flood_of_one_error_is_logged_a_few_times(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(logs, "_clock", lambda: clock[0])
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     logs.configure("text")
@@ -518,8 +522,12 @@ def test_a_flood_of_one_error_is_logged_a_few_times(capsys: pytest.CaptureFixtur
             except OSError:
                 flood.exception("socket.accept() out of system resource")
         flood.error("something else")
+        clock[0] += 61  # a minute on, the next of the kind says what was left out
+        flood.error("socket.accept() out of system resource")
     finally:
         root.handlers, root.level = saved[0], saved[1]
     logged = capsys.readouterr().err
-    assert logged.count("socket.accept() out of system resource") == 10
+    assert logged.count("socket.accept() out of system resource") == 11
+    assert logged.count("Traceback") == 10
     assert "something else" in logged
+    assert "(and 990 like it not logged)" in logged
