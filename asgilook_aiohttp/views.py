@@ -155,7 +155,8 @@ class Thumbnail(_Resource):
             self.store.thumbnail_path(thumbnail),
             thumbnail.nbytes,
             found,
-            gone=f"there is no image with id {record.id}",
+            gone=f"the {width}x{height} thumbnail of image {record.id} was removed as it was "
+            "about to be sent (the image deleted, or the thumbnail evicted); ask again",
             pace=self.send_pace,
         )
 
