@@ -17,12 +17,13 @@ from pathlib import Path
 import atheris  # type: ignore[import-untyped]
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
 with atheris.instrument_imports():
     from asgilook_aiohttp import imaging, jpeg
     from asgilook_aiohttp.blobs import Placement
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import samples
+    import samples
 
 _SECONDS = 1.0
 _SECONDS_PER_BYTE = 10e-6
