@@ -54,8 +54,11 @@ def connection_cap(wanted: int) -> int:
     within it beside the descriptors the server needs otherwise."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit is more than the kernel allows
+            pass
     # A connection may hold a second descriptor: the file it is being sent, or its upload's
     # staging file.
     fits = max(1, (soft - SPARE_DESCRIPTORS) // 2)

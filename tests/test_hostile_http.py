@@ -467,6 +467,20 @@ async def test_connections_past_the_cap_get_503_and_the_server_stays_up(tmp_path
     assert "serving at most 72 connections" in log  # (400 - 256) / 2
 
 
+def open_file_limits(pid: int) -> tuple[str, str]:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if "open files" in line).split()[3:5]
+    return soft, hard
+
+
+async def test_the_server_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+    server = await start_server(tmp_path / "storage", shell_prefix="ulimit -Sn 300;")
+    soft, hard = open_file_limits(server.process.pid)
+    assert soft == hard != "300"
+    server.signal(15)
+    assert await server.exit_code() == 0
+
+
 async def test_a_gzip_bomb_is_refused_for_little_cpu(server: Server) -> None:
     bomb = gzip_bomb(4 * 1024 * 1024)  # about 4 GiB once inflated
     before = cpu_seconds(server.process.pid)
