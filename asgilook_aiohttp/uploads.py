@@ -23,8 +23,8 @@ from .spool import Staged
 from .store import Store
 
 _CHUNK = 256 * 1024
-# A form that needs more parts than this to reach its file is not an upload form; parsing
-# thousands of tiny fields would only keep the event loop busy.
+# A form of more parts than this is not an upload form; parsing thousands of tiny fields
+# would only keep the event loop busy.
 _MAX_PARTS = 32
 # What aiohttp raises for a body it cannot parse or decode.
 _UNREADABLE = (ValueError, HttpProcessingError, web.RequestPayloadError)
