@@ -2,7 +2,7 @@
 server on loopback.
 
     python bench/soak.py [--seconds 20] [--uploaders 4] [--readers 2] [--workers N]
-                         [--attackers slowloris,gzip-bomb,scan-bomb] [--json PATH]
+                         [--attackers slowloris,gzip-bomb,scan-bomb] [--ceiling] [--json PATH]
 
 Phase 1 sends legitimate traffic alone for --seconds: uploaders sending 0.3 MP and 2 MP
 photos (JPEG and PNG) one after another, readers listing images and fetching images and
@@ -37,7 +37,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from common import Server, encode, percentile, photo, start_server, tree_cpu
+from common import (
+    ROOT,
+    Server,
+    encode,
+    percentile,
+    photo,
+    start_python,
+    start_server,
+    tree_cpu,
+)
 from loadgen import Pool
 
 from asgilook_aiohttp.config import default_workers
@@ -429,11 +438,16 @@ async def main(arguments: argparse.Namespace) -> dict[str, Any]:
         "uploaders": arguments.uploaders,
         "readers": arguments.readers,
         "attackers": {name: ATTACKERS[name] for name in arguments.attackers},
+        "attackers_sent_to": "a bare refusing app" if arguments.ceiling else "the server",
         "request_bytes": {name: len(request) for name, request in requests.items()},
     }
     with tempfile.TemporaryDirectory() as scratch:
         server = await start_server(Path(scratch) / "storage", *flags)
-        split = urlsplit(server.url)
+        # With --ceiling the attackers hit a bare app that refuses them at once, and the
+        # server none of it: what their traffic alone costs the legitimate clients.
+        refuser = str(ROOT / "bench" / "refuser.py")
+        target = await start_python(refuser) if arguments.ceiling else server
+        split = urlsplit(target.url)
         address = (split.hostname or "127.0.0.1", split.port or 80)
 
         def crowd(name: str) -> Callable[[Attack], list[Coroutine[Any, Any, None]]]:
@@ -457,6 +471,8 @@ async def main(arguments: argparse.Namespace) -> dict[str, Any]:
                     legitimate.pool.close()
         finally:
             report["server_stop"] = await stop(server)
+            if target is not server:
+                await target.stop()
     before = report["unattacked"]["requests"]
     after = report["attacked"]["requests"]
     ratio = after["uploads, all"]["per_s"] / before["uploads, all"]["per_s"]
@@ -478,7 +494,7 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"{report['workers']} workers; {report['uploaders']} uploaders, {report['readers']} "
         f"readers, /healthz every {PROBE_PAUSE * 1e3:.0f} ms; {report['seconds']:g} s a phase; "
-        f"attackers: {attackers}"
+        f"attackers: {attackers}, sent to {report['attackers_sent_to']}"
     )
     phases = ("unattacked", "attacked")
     columns = f"{'rate/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
@@ -539,6 +555,11 @@ if __name__ == "__main__":
         "--attackers",
         default=",".join(ATTACKERS),
         help=f"the attackers of the second phase, comma-separated (of {','.join(ATTACKERS)})",
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="send the attackers to a bare app that refuses them at once, not to the server",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     arguments = parser.parse_args()
