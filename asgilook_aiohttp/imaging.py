@@ -191,7 +191,7 @@ def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[i
             orientation = _orientation(image)
             if orientation == 1 and layout and _is_colour_jpeg(image):
                 # An unusable profile is dropped rather than stored for viewers to trip on.
-                keep_icc = _rgb_profile(image.info.get("icc_profile")) is not None
+                keep_icc = _is_usable_rgb(_parsed(image.info.get("icc_profile")))
                 if stripped := layout.strip_metadata(keep_icc=keep_icc):
                     size = image.size
                     # Kept as it is, it need only prove that it decodes: every byte of it is
@@ -348,7 +348,7 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bytes | None]:
         else:
             assert converted is not None  # profileToProfile returns None only in place
             return converted, None
-    kept_profile = _rgb_profile(icc_profile)
+    kept_profile = icc_profile if _is_usable_rgb(profile) else None
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, _WHITE)
@@ -388,14 +388,13 @@ def _colour_space(profile: ImageCms.ImageCmsProfile) -> str:
     return str(profile.profile.xcolor_space).strip()
 
 
-def _rgb_profile(icc_profile: bytes | None) -> bytes | None:
-    """The profile if colour management can use it for RGB pixels, else None."""
-    profile = _parsed(icc_profile)
+def _is_usable_rgb(profile: ImageCms.ImageCmsProfile | None) -> bool:
+    """Whether colour management can use the profile for RGB pixels."""
     if profile is None or _colour_space(profile) != "RGB":
-        return None
+        return False
     try:
         # Tags are read as a transform needs them: a profile that parses may still be broken.
         ImageCms.buildTransform(profile, _SRGB, "RGB", "RGB")
     except ImageCms.PyCMSError:
-        return None
-    return icc_profile
+        return False
+    return True
