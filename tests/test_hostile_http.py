@@ -308,7 +308,7 @@ async def test_a_form_with_fields_after_the_image_is_read_to_its_end(client: Cli
     assert (await response.json())["size"] == [64, 48]
 
 
-async def test_a_refused_body_ends_its_connection_without_being_read(
+async def test_a_refused_body_ends_its_connection(
     make_client: ClientFactory, storage: Path
 ) -> None:
     client = await make_client(write_token="secret")
