@@ -1,20 +1,45 @@
-"""The index answers every page by key lookups, never by scanning the table."""
+"""The SQLite index on its own: pages by key lookups, an index of an earlier release
+upgraded in place, and a full disk, on which deleting and opening still work."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
-from asgilook_aiohttp.index import CURSOR_QUERY, PAGE_QUERY, ImageRecord, Index
+import pytest
+
+from asgilook_aiohttp.space import Reserve, is_full
+from asgilook_aiohttp.storage.ports import ImageRecord, Totals
+from asgilook_aiohttp.storage.sqlite import CURSOR_QUERY, PAGE_QUERY, SqliteIndex
+
+OWNER = "node"
+LEASE = 60.0
+
+
+def image(n: int) -> ImageRecord:
+    return ImageRecord(f"00000000-0000-4000-8000-{n:012d}", n, 1, 1, 1000, "0" * 64)
+
+
+def open_index(directory: Path) -> SqliteIndex:
+    return SqliteIndex(directory / "index.sqlite3", directory / "index.sqlite3-reserve")
+
+
+async def store(index: SqliteIndex, record: ImageRecord) -> None:
+    await index.journal([record.id], OWNER, LEASE)
+    await index.add(record, OWNER)
 
 
 async def test_page_queries_search_by_key_at_any_depth(tmp_path: Path) -> None:
-    index = Index(tmp_path / "index.sqlite3")
+    index = open_index(tmp_path)
     await index.open()
-    await index.add(ImageRecord("00000000-0000-4000-8000-000000000000", 0, 1, 1, 1, "0" * 64))
+    await store(index, image(0))
     await index.close()
 
-    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+    with closing(sqlite3.connect(tmp_path / "index.sqlite3")) as db:
         cursor_plan, page_plan = (
             [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}", args)]
             for query, args in ((CURSOR_QUERY, ("x", "x")), (PAGE_QUERY, (0, 100)))
@@ -25,20 +50,176 @@ async def test_page_queries_search_by_key_at_any_depth(tmp_path: Path) -> None:
     assert page_plan == ["SEARCH images USING INTEGER PRIMARY KEY (rowid>?)"]
 
 
-async def test_pages_in_upload_order(tmp_path: Path) -> None:
-    index = Index(tmp_path / "index.sqlite3")
+# The index as the release before leases left it (schema version 3).
+_EARLIER_RELEASE = """
+CREATE TABLE images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    uploaded INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    delete_token_sha256 TEXT
+);
+CREATE TABLE pending (id TEXT PRIMARY KEY);
+CREATE TABLE thumbnails (
+    image_id TEXT NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (image_id, width, height)
+);
+CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
+CREATE TABLE tombstones (id TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+INSERT INTO images VALUES (1, 'first', 1, 10, 10, 1000, 'a', NULL);
+INSERT INTO images VALUES (2, 'second', 2, 10, 10, 2500, 'b', NULL);
+INSERT INTO thumbnails VALUES ('second', 5, 5, 40, 'c', 7);
+INSERT INTO pending VALUES ('crashed-upload'), ('crashed-delete');
+PRAGMA user_version = 3;
+"""
+
+
+async def test_an_index_of_an_earlier_release_is_upgraded(tmp_path: Path) -> None:
+    with closing(sqlite3.connect(tmp_path / "index.sqlite3")) as db:
+        db.executescript(_EARLIER_RELEASE)
+    index = open_index(tmp_path)
     await index.open()
-    ids = [f"00000000-0000-4000-8000-{n:012d}" for n in (5, 3, 9, 1)]
-    for uploaded, image_id in enumerate(ids):
-        await index.add(ImageRecord(image_id, uploaded, 1, 1, 1, "0" * 64))
-    first, more = await index.page(2, None)
-    assert [r.id for r in first] == ids[:2]
-    assert more
-    rest, more = await index.page(2, ids[1])
-    assert [r.id for r in rest] == ids[2:]
-    assert not more
-    # A page's last image deleted: its place is remembered, the next page still follows.
-    assert await index.delete(ids[1]) is not None
-    rest, more = await index.page(2, ids[1])
-    assert [r.id for r in rest] == ids[2:]
+    try:
+        assert await index.totals() == Totals(images=2, image_bytes=3500, thumbnail_bytes=40)
+        # What it left journaled has no owner nor lease: the first sweep takes it over.
+        taken = await index.take_expired(OWNER, LEASE, 10)
+        assert sorted(taken) == ["crashed-delete", "crashed-upload"]
+        records, _ = await index.page(10, None)
+        assert [record.id for record in records] == ["first", "second"]
+        await store(index, image(3))
+        assert await index.totals() == Totals(images=3, image_bytes=4500, thumbnail_bytes=40)
+    finally:
+        await index.close()
+
+
+async def test_an_index_of_a_later_release_is_refused(tmp_path: Path) -> None:
+    with closing(sqlite3.connect(tmp_path / "index.sqlite3")) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="upgrade asgilook-aiohttp"):
+        await open_index(tmp_path).open()
+
+
+# A full disk: a file system of the test's own, filled to the last byte.
+
+
+def _mount(*arguments: str) -> None:
+    done = subprocess.run(["mount", *arguments], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point))
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the disk; the file that fills it. The write-ahead log of an index there is
+    emptied first, so that every index write needs new room."""
+    if (disk / "index.sqlite3").exists():
+        with closing(sqlite3.connect(disk / "index.sqlite3")) as db:
+            assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1024 * 1024, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, bytes(size))
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_delete_on_a_full_disk_takes_the_reserve_until_there_is_room(disk: Path) -> None:
+    index = open_index(disk)
+    await index.open()
+    try:
+        kept, deleted = image(1), image(2)
+        for record in (kept, deleted):
+            await store(index, record)
+        filler = fill(disk)
+
+        assert await index.delete(deleted.id, None, OWNER, LEASE) is not None
+        assert (reason := index.full()) is not None
+        assert reason.startswith("the room kept for deletions on a full disk is in use")
+        assert await index.problem() == reason
+        await index.catch_up()  # no room yet: nothing changes
+        assert index.full() == reason
+
+        filler.unlink()
+        await index.catch_up()
+        assert index.full() is None
+        assert await index.problem() is None
+        assert await index.totals() == Totals(1, kept.nbytes, 0)
+    finally:
+        await index.close()
+
+
+async def test_an_index_opened_on_a_full_disk_is_shared_once_there_is_room(disk: Path) -> None:
+    first = open_index(disk)
+    await first.open()
+    record = image(1)
+    await store(first, record)
+    await first.close()  # which removes the shared-memory file it needs to open
+    filler = fill(disk)
+
+    index = open_index(disk)
+    await index.open()
+    try:
+        assert await index.get(record.id) == record
+        assert await index.problem() == (
+            "the index is held by this process alone for lack of room for its shared "
+            "memory; backups wait"
+        )
+        filler.unlink()
+        await index.catch_up()
+        assert await index.problem() is None
+        with closing(sqlite3.connect(disk / "index.sqlite3")) as db:  # others may read it
+            assert db.execute("SELECT count(*) FROM images").fetchone() == (1,)
+        await store(index, image(2))
+    finally:
+        await index.close()
+
+
+async def test_an_index_upgraded_on_a_full_disk_takes_the_reserve_s_room(disk: Path) -> None:
+    with closing(sqlite3.connect(disk / "index.sqlite3")) as db:
+        db.executescript(_EARLIER_RELEASE)
+    assert Reserve(disk / "index.sqlite3-reserve").take()  # set aside by the earlier run
+    filler = fill(disk)
+
+    index = open_index(disk)
+    await index.open()
+    try:
+        assert await index.totals() == Totals(images=2, image_bytes=3500, thumbnail_bytes=40)
+        assert index.full() is not None
+        filler.unlink()
+        await index.catch_up()
+        assert await index.problem() is None
+    finally:
+        await index.close()
+
+
+async def test_no_room_to_create_an_index_is_an_error_that_says_so(disk: Path) -> None:
+    fill(disk)
+    index = open_index(disk)
+    with pytest.raises(sqlite3.Error) as raised:
+        await index.open()
     await index.close()
+    assert is_full(raised.value)

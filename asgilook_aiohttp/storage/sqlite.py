@@ -1,0 +1,466 @@
+"""The index in one SQLite file beside the blobs: the embedded implementation of the port.
+
+SQLite runs in WAL mode with ``synchronous=FULL``, so a committed row survives a crash
+of the process or of the machine. All calls go through one thread, which owns the
+connection, so the event loop never waits on the disk. Pages are read by keyset
+(``seq > ?``), so a deep page costs the same as the first at any size of the index; one
+writer at a time means ``seq`` follows commit order. The totals are kept in a row of
+their own, written in the same transactions as the rows they count.
+
+On a full disk SQLite cannot make the shared-memory file that WAL mode reads through,
+which a clean stop removes. The index is then opened in exclusive locking mode, which
+keeps that memory in this process instead, and holds the file to itself (a backup must
+wait) until ``catch_up`` can open it as usual. The index also owns the reserve: room set
+aside beside it, given up when a write that must not wait for room (opening, deleting)
+finds none, and taken again by ``catch_up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from ..space import Reserve, is_full, unless_full
+from .ports import (
+    Deleted,
+    ImageRecord,
+    LeaseLost,
+    ThumbnailRecord,
+    Totals,
+    UnknownCursor,
+    thumbnail_key,
+)
+
+T = TypeVar("T")
+
+# Each entry moves the schema one version up; a new index runs them all.
+_MIGRATIONS = (
+    """
+CREATE TABLE images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    uploaded INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE pending (id TEXT PRIMARY KEY);
+CREATE TABLE thumbnails (
+    image_id TEXT NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    last_used INTEGER NOT NULL,
+    PRIMARY KEY (image_id, width, height)
+);
+CREATE INDEX thumbnails_by_last_use ON thumbnails (last_used);
+""",
+    "ALTER TABLE images ADD COLUMN delete_token_sha256 TEXT;",
+    # Where deleted images stood, so that a paging cursor naming one still works.
+    "CREATE TABLE tombstones (id TEXT PRIMARY KEY, seq INTEGER NOT NULL);",
+    # Journal entries are owned and leased. Those of earlier releases have neither, so
+    # they count as expired: the first sweep takes them over.
+    """
+ALTER TABLE pending ADD COLUMN owner TEXT;
+ALTER TABLE pending ADD COLUMN expires REAL NOT NULL DEFAULT 0;
+CREATE INDEX pending_by_expiry ON pending (expires);
+CREATE INDEX pending_by_owner ON pending (owner);
+CREATE TABLE totals (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    images INTEGER NOT NULL,
+    image_bytes INTEGER NOT NULL,
+    thumbnail_bytes INTEGER NOT NULL
+);
+INSERT INTO totals
+SELECT 1, count(*), coalesce(sum(bytes), 0), (SELECT coalesce(sum(bytes), 0) FROM thumbnails)
+FROM images;
+""",
+)
+_COLUMNS = "id, uploaded, width, height, bytes, sha256, delete_token_sha256"
+_THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
+_IMAGE_FIELDS = _COLUMNS.split(", ")
+_JOINED_COLUMNS = ", ".join(
+    [f"images.{name}" for name in _IMAGE_FIELDS]
+    + [f"thumbnails.{name}" for name in _THUMBNAIL_COLUMNS.split(", ")]
+)
+CURSOR_QUERY = (
+    "SELECT seq FROM images WHERE id = ? UNION ALL SELECT seq FROM tombstones WHERE id = ?"
+)
+PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
+# Insert-if-absent: the entry is taken unless another owner holds a current lease.
+_CLAIM = (
+    "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
+    "WHERE owner = excluded.owner OR expires < ? RETURNING id"
+)
+
+_RESERVE_IN_USE = (
+    "the room kept for deletions on a full disk is in use; uploads wait until it is set aside again"
+)
+_NOT_SHARED = (
+    "the index is held by this process alone for lack of room for its shared memory; backups wait"
+)
+
+
+def _lease_lost(key: str) -> LeaseLost:
+    return LeaseLost(
+        "this node's lease", f"the journal entry {key} is no longer this node's to finish"
+    )
+
+
+class SqliteIndex:
+    name = "SQLite"
+
+    def __init__(self, path: Path, reserve_path: Path) -> None:
+        self._path = path
+        self._reserve = Reserve(reserve_path)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
+        self._db: sqlite3.Connection | None = None
+        self._shared = True
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def _with_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Call ``fn`` with the connection, from the index's own thread."""
+        assert self._db is not None
+        return fn(self._db)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(lambda: self._with_db(fn))
+
+    def _with_reserve(self, write: Callable[[], T]) -> T:
+        """Run a write that must not wait for room: on a full disk, give up the reserve
+        for it and run it once more."""
+        try:
+            return write()
+        except Exception as error:
+            if not is_full(error) or not self._reserve.release():
+                raise
+        return write()
+
+    async def open(self) -> None:
+        """Set the reserve aside and open the index; on a full disk, with the reserve's
+        room if need be (an index that is new or must be upgraded needs some)."""
+
+        def open_() -> None:
+            self._reserve.take()
+            self._with_reserve(self._open)
+
+        await self._run(open_)
+
+    def _open(self) -> None:
+        try:
+            self._db, self._shared = self._connect(shared=True), True
+        except sqlite3.Error as error:
+            if not is_full(error):
+                raise
+            self._db, self._shared = self._connect(shared=False), False
+
+    def _share(self) -> None:
+        """Open the index for other readers too, if there is room now."""
+        assert self._db is not None
+        self._db.close()
+        self._db = None
+        try:
+            self._open()
+        except sqlite3.Error:  # locked by a reader that was waiting, say: next time
+            self._db, self._shared = self._connect(shared=False), False
+
+    def _connect(self, *, shared: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            if not shared:
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > len(_MIGRATIONS):
+                raise RuntimeError(
+                    f"{self._path} has index schema version {version}; this release reads up "
+                    f"to version {len(_MIGRATIONS)}: upgrade asgilook-aiohttp"
+                )
+            for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+                db.executescript(f"BEGIN; {migration} PRAGMA user_version={number}; COMMIT;")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+
+        if self._db is not None:
+            await self._call(close)
+            self._db = None
+        self._thread.shutdown()
+
+    async def problem(self) -> str | None:
+        put_off = [_RESERVE_IN_USE] if not self._reserve.held else []
+        if not self._shared:
+            put_off.append(_NOT_SHARED)
+        return "; ".join(put_off) or None
+
+    def full(self) -> str | None:
+        return None if self._reserve.held else _RESERVE_IN_USE
+
+    async def catch_up(self) -> None:
+        def catch_up() -> None:
+            if not self._shared:
+                with unless_full():
+                    self._share()
+            self._reserve.take()
+
+        await self._run(catch_up)
+
+    async def journal(self, keys: Collection[str], owner: str, lease: float) -> None:
+        def journal(db: sqlite3.Connection) -> None:
+            expires = time.time() + lease
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET expires = excluded.expires "
+                    "WHERE owner = excluded.owner",
+                    [(key, owner, expires) for key in keys],
+                )
+
+        await self._call(journal)
+
+    async def claim(self, key: str, owner: str, lease: float) -> bool:
+        def claim(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            return bool(db.execute(_CLAIM, (key, owner, now + lease, now)).fetchall())
+
+        return await self._call(claim)
+
+    async def unjournal(self, keys: Collection[str], owner: str) -> None:
+        def unjournal(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    "DELETE FROM pending WHERE id = ? AND owner = ?", [(key, owner) for key in keys]
+                )
+
+        await self._call(unjournal)
+
+    async def renew(self, owner: str, lease: float) -> None:
+        await self._call(
+            lambda db: db.execute(
+                "UPDATE pending SET expires = ? WHERE owner = ?", (time.time() + lease, owner)
+            )
+        )
+
+    async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
+        def take(db: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            rows = db.execute(
+                "UPDATE pending SET owner = ?, expires = ? WHERE id IN "
+                "(SELECT id FROM pending WHERE expires < ? ORDER BY expires LIMIT ?) "
+                "RETURNING id",
+                (owner, now + lease, now, limit),
+            ).fetchall()
+            return [row[0] for row in rows]
+
+        return await self._call(take)
+
+    async def add(self, record: ImageRecord, owner: str) -> None:
+        def add(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                held = db.execute(
+                    "DELETE FROM pending WHERE id = ? AND owner = ?", (record.id, owner)
+                )
+                if held.rowcount == 0:
+                    raise _lease_lost(record.id)
+                db.execute(
+                    f"INSERT INTO images ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.uploaded,
+                        record.width,
+                        record.height,
+                        record.nbytes,
+                        record.sha256,
+                        record.delete_token_sha256,
+                    ),
+                )
+                db.execute(
+                    "UPDATE totals SET images = images + 1, image_bytes = image_bytes + ?",
+                    (record.nbytes,),
+                )
+
+        await self._call(add)
+
+    async def get(self, image_id: str) -> ImageRecord | None:
+        def get(db: sqlite3.Connection) -> ImageRecord | None:
+            row = db.execute(f"SELECT {_COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+            return ImageRecord(*row) if row else None
+
+        return await self._call(get)
+
+    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
+        def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
+            start = 0
+            if after is not None:
+                row = db.execute(CURSOR_QUERY, (after, after)).fetchone()
+                if row is None:
+                    raise UnknownCursor(after)
+                start = row[0]
+            rows = db.execute(PAGE_QUERY, (start, limit + 1)).fetchall()
+            return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit
+
+        return await self._call(page)
+
+    async def delete(
+        self, image_id: str, token_sha256: str | None, owner: str, lease: float
+    ) -> Deleted | None:
+        def delete(db: sqlite3.Connection) -> Deleted | None:
+            with db:
+                db.execute("BEGIN")
+                row = db.execute(
+                    "SELECT bytes, seq FROM images WHERE id = ? "
+                    "AND (? IS NULL OR delete_token_sha256 = ?)",
+                    (image_id, token_sha256, token_sha256),
+                ).fetchone()
+                if row is None:
+                    return None
+                image_bytes, seq = row
+                (thumbnail_bytes,) = db.execute(
+                    "SELECT coalesce(sum(bytes), 0) FROM thumbnails WHERE image_id = ?",
+                    (image_id,),
+                ).fetchone()
+                db.execute("DELETE FROM images WHERE id = ?", (image_id,))
+                db.execute("INSERT INTO tombstones (id, seq) VALUES (?, ?)", (image_id, seq))
+                db.execute(
+                    "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+                    "expires = excluded.expires",
+                    (image_id, owner, time.time() + lease),
+                )
+                db.execute(
+                    "UPDATE totals SET images = images - 1, image_bytes = image_bytes - ?, "
+                    "thumbnail_bytes = thumbnail_bytes - ?",
+                    (image_bytes, thumbnail_bytes),
+                )
+            return Deleted(image_bytes=image_bytes, thumbnail_bytes=thumbnail_bytes)
+
+        # It frees space, but needs a little first: on a full disk, the reserve's.
+        return await self._run(lambda: self._with_reserve(lambda: self._with_db(delete)))
+
+    async def image_and_thumbnail(
+        self, image_id: str, width: int, height: int
+    ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+        def lookup(db: sqlite3.Connection) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
+            row = db.execute(
+                f"SELECT {_JOINED_COLUMNS} FROM images LEFT JOIN thumbnails "
+                "ON image_id = id AND thumbnails.width = ? AND thumbnails.height = ? "
+                "WHERE id = ?",
+                (width, height, image_id),
+            ).fetchone()
+            if row is None:
+                return None, None
+            image, thumbnail = row[: len(_IMAGE_FIELDS)], row[len(_IMAGE_FIELDS) :]
+            kept = ThumbnailRecord(*thumbnail) if thumbnail[0] is not None else None
+            return ImageRecord(*image), kept
+
+        return await self._call(lookup)
+
+    async def add_thumbnail(self, record: ThumbnailRecord, owner: str) -> int | None:
+        key = thumbnail_key(record.image_id, record.width, record.height)
+
+        def add(db: sqlite3.Connection) -> int | None:
+            with db:
+                db.execute("BEGIN")
+                # An image gone keeps the entry: its holder still has a blob to remove.
+                image = db.execute("SELECT 1 FROM images WHERE id = ?", (record.image_id,))
+                if image.fetchone() is None:
+                    return None
+                held = db.execute("DELETE FROM pending WHERE id = ? AND owner = ?", (key, owner))
+                if held.rowcount == 0:
+                    raise _lease_lost(key)
+                old = db.execute(
+                    "SELECT bytes FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
+                    (record.image_id, record.width, record.height),
+                ).fetchone()
+                replaced = int(old[0]) if old else 0
+                db.execute(
+                    f"INSERT INTO thumbnails ({_THUMBNAIL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (image_id, width, height) DO UPDATE SET bytes = excluded.bytes, "
+                    "sha256 = excluded.sha256, last_used = excluded.last_used",
+                    (
+                        record.image_id,
+                        record.width,
+                        record.height,
+                        record.nbytes,
+                        record.sha256,
+                        record.last_used,
+                    ),
+                )
+                db.execute(
+                    "UPDATE totals SET thumbnail_bytes = thumbnail_bytes + ?",
+                    (record.nbytes - replaced,),
+                )
+            return replaced
+
+        return await self._call(add)
+
+    async def touch_thumbnail(self, record: ThumbnailRecord, now: int) -> None:
+        await self._call(
+            lambda db: db.execute(
+                "UPDATE thumbnails SET last_used = ? "
+                "WHERE image_id = ? AND width = ? AND height = ?",
+                (now, record.image_id, record.width, record.height),
+            )
+        )
+
+    async def evict_thumbnails(
+        self, at_least: int, spared: Collection[str], owner: str, lease: float
+    ) -> list[ThumbnailRecord]:
+        spare = set(spared)
+
+        def evict(db: sqlite3.Connection) -> list[ThumbnailRecord]:
+            evicted: list[ThumbnailRecord] = []
+            freed = 0
+            expires = time.time() + lease
+            with db:
+                db.execute("BEGIN")
+                rows = db.execute(f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails ORDER BY last_used")
+                while freed < at_least and (row := rows.fetchone()) is not None:
+                    candidate = ThumbnailRecord(*row)
+                    key = thumbnail_key(candidate.image_id, candidate.width, candidate.height)
+                    if key in spare:
+                        continue
+                    journaled = db.execute(
+                        "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
+                        "ON CONFLICT (id) DO NOTHING",
+                        (key, owner, expires),
+                    )
+                    if journaled.rowcount == 0:  # being made, or its blob removed, just now
+                        continue
+                    evicted.append(candidate)
+                    freed += candidate.nbytes
+                db.executemany(
+                    "DELETE FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
+                    [(r.image_id, r.width, r.height) for r in evicted],
+                )
+                db.execute("UPDATE totals SET thumbnail_bytes = thumbnail_bytes - ?", (freed,))
+            return evicted
+
+        return await self._call(evict)
+
+    async def totals(self) -> Totals:
+        def totals(db: sqlite3.Connection) -> Totals:
+            row = db.execute("SELECT images, image_bytes, thumbnail_bytes FROM totals").fetchone()
+            return Totals(*row)
+
+        return await self._call(totals)
