@@ -449,11 +449,12 @@ class SqliteIndex:
                         continue
                     evicted.append(candidate)
                     freed += candidate.nbytes
-                db.executemany(
-                    "DELETE FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
-                    [(r.image_id, r.width, r.height) for r in evicted],
-                )
-                db.execute("UPDATE totals SET thumbnail_bytes = thumbnail_bytes - ?", (freed,))
+                if evicted:
+                    db.executemany(
+                        "DELETE FROM thumbnails WHERE image_id = ? AND width = ? AND height = ?",
+                        [(r.image_id, r.width, r.height) for r in evicted],
+                    )
+                    db.execute("UPDATE totals SET thumbnail_bytes = thumbnail_bytes - ?", (freed,))
             return evicted
 
         return await self._call(evict)
