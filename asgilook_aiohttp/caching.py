@@ -2,8 +2,9 @@
 
 Validators come from the bytes (a SHA-256 kept in the index) and the upload time, never
 from the file system, so every server holding a copy of the storage answers alike.
-Preconditions (RFC 9110 section 13) and range checks are decided here, and the chosen
-bytes are sent with sendfile.
+Preconditions (RFC 9110 section 13) and range checks are decided here, before the blob
+store is asked for anything; the chosen bytes are sent from a local file with sendfile,
+or as they stream in from the object store.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETAG_ANY
 
-from .blobs import open_file
-from .errors import Problem, not_found
+from .errors import Problem, dependency_unavailable, not_found
+from .storage.ports import BlobMissing, Body, FileBody, StreamBody, Unavailable
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
@@ -131,14 +132,20 @@ def require_for_change(request: web.Request, data: Any, last_modified: int) -> N
         raise _precondition_failed("If-None-Match")
 
 
-def file_response(
-    request: web.Request, path: Path, size: int, found: Validators, *, gone: str, pace: Pace
+Opener = Callable[[int, int], Awaitable[Body]]
+"""Opens ``count`` bytes of a blob from ``offset`` for sending (count 0: only checks
+that it is there)."""
+
+
+def blob_response(
+    request: web.Request, opener: Opener, size: int, found: Validators, *, gone: str, pace: Pace
 ) -> web.StreamResponse:
     """An immutable stored JPEG, whole or in part, or the 304/412/416 the request calls for.
 
-    The file is opened only as the response is sent, and sent from the open file, so a
-    deletion at any moment gives either the whole file or a 404 with ``gone`` as detail.
-    A client that does not read it at ``pace`` has its connection closed.
+    The blob is opened only as the response is sent, before its headers, and sent from
+    what was opened, so a deletion at any moment gives either the whole blob or a 404
+    with ``gone`` as detail, and an unreachable store a 503. A client that does not read
+    it at ``pace`` has its connection closed.
     """
     _require_match(request, found.etag, found.last_modified)
     if _not_modified(request, found.etag, found.last_modified):
@@ -150,7 +157,7 @@ def file_response(
             }
         )
     part = _requested_part(request, size, found)
-    return _StoredFile(path, size, found, part, gone=gone, pace=pace)
+    return _StoredBlob(opener, size, found, part, gone=gone, pace=pace)
 
 
 def _requested_part(request: web.Request, size: int, found: Validators) -> slice | None:
@@ -200,10 +207,10 @@ class Pace:
         return max(self.window, nbytes / self.min_rate)
 
 
-class _StoredFile(web.StreamResponse):
+class _StoredBlob(web.StreamResponse):
     def __init__(
         self,
-        path: Path,
+        opener: Opener,
         size: int,
         found: Validators,
         part: slice | None,
@@ -212,12 +219,13 @@ class _StoredFile(web.StreamResponse):
         pace: Pace,
     ) -> None:
         super().__init__(status=200 if part is None else 206)
-        self._path = path
+        self._opener = opener
         self._pace = pace
         self._part = part or slice(0, size)
         self._gone = gone
+        self._count = self._part.stop - self._part.start
         self.content_type = "image/jpeg"
-        self.content_length = self._part.stop - self._part.start
+        self.content_length = self._count
         self.etag = found.etag
         self.last_modified = found.last_modified
         self.headers[hdrs.CACHE_CONTROL] = IMMUTABLE
@@ -226,10 +234,13 @@ class _StoredFile(web.StreamResponse):
             self.headers[hdrs.CONTENT_RANGE] = f"bytes {part.start}-{part.stop - 1}/{size}"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        sending = request.method != hdrs.METH_HEAD and self._count > 0
         try:
-            file = await open_file(self._path, "rb")
-        except FileNotFoundError:
+            body = await self._opener(self._part.start, self._count if sending else 0)
+        except BlobMissing:
             return await self._send_problem(request, not_found(self._gone))
+        except Unavailable as error:
+            return await self._send_problem(request, dependency_unavailable(error))
         except OSError as error:  # out of descriptors, say: nothing wrong with the file
             unavailable = Problem(
                 503,
@@ -238,12 +249,42 @@ class _StoredFile(web.StreamResponse):
                 {"Retry-After": "1"},
             )
             return await self._send_problem(request, unavailable)
-        with file:
+        try:
             writer = await super().prepare(request)
-            if request.method != hdrs.METH_HEAD and self.content_length:
-                await _send(request, file, self._part.start, self.content_length, self._pace)
+            if sending:
+                await self._send(request, body)
                 await self.write_eof()
             return writer
+        finally:
+            await body.close()
+
+    async def _send(self, request: web.BaseRequest, body: Body) -> None:
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("the connection closed before the image was sent")
+        try:
+            # A client that stops reading would otherwise hold its connection and the
+            # open blob for as long as it likes.
+            async with asyncio.timeout(self._pace.seconds_for(body.count)):
+                if isinstance(body, FileBody):
+                    await asyncio.get_running_loop().sendfile(
+                        transport, body.file, body.offset, body.count
+                    )
+                else:
+                    await self._stream(transport, body)
+        except TimeoutError:
+            transport.abort()
+            raise ConnectionResetError("the client did not read the image in time") from None
+
+    async def _stream(self, transport: asyncio.Transport, body: StreamBody) -> None:
+        try:
+            async for chunk in body.chunks:
+                await self.write(chunk)
+        except Unavailable:
+            # The headers are sent: all that is left is to end the connection short of the
+            # promised length, so that the client knows the image did not arrive whole.
+            transport.abort()
+            raise ConnectionResetError("the object store stopped sending the image") from None
 
     async def _send_problem(
         self, request: web.BaseRequest, problem: Problem
@@ -259,19 +300,3 @@ class _StoredFile(web.StreamResponse):
             await self.write(answer.body)
         await self.write_eof()
         return writer
-
-
-async def _send(
-    request: web.BaseRequest, file: BinaryIO, offset: int, count: int, pace: Pace
-) -> None:
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("the connection closed before the file was sent")
-    try:
-        async with asyncio.timeout(pace.seconds_for(count)):
-            await asyncio.get_running_loop().sendfile(transport, file, offset, count)
-    except TimeoutError:
-        # A client that stops reading would otherwise hold its connection and the open
-        # file for as long as it likes.
-        transport.abort()
-        raise ConnectionResetError("the client did not read the file in time") from None

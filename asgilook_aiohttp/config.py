@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,20 @@ class Config:
     unix_path: Path | None = None
     log_format: str = "text"
     write_token: str | None = field(default=None, repr=False)
+    index: str = "sqlite"
+    blobs: str = "file"
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = field(default=None, repr=False)
+    s3_secret_key: str | None = field(default=None, repr=False)
+    index_password: str | None = field(default=None, repr=False)
+    dependency_timeout: float = 5.0
+    lease_seconds: float = 30.0
+
+    @property
+    def shared_storage(self) -> bool:
+        """Whether the index and blobs are PostgreSQL and S3, shared by several nodes."""
+        return self.index != "sqlite"
 
     @classmethod
     def from_sources(
@@ -76,7 +91,18 @@ class Config:
             if (value := setting.from_environ(environ, parser)) is not None:
                 values.setdefault(setting.target, value)
         values.setdefault("storage_path", default_storage_path(environ))
-        return cls(**values)
+        config = cls(**values)
+        if (config.index == "sqlite") != (config.blobs == "file"):
+            raise SystemExit(
+                f"asgilook-aiohttp: --index {_kind(config.index)} and --blobs "
+                f"{_kind(config.blobs)} do not go together: use sqlite with file (one "
+                "machine) or postgresql with s3 (several nodes)"
+            )
+        return config
+
+
+def _kind(setting: str) -> str:
+    return setting.partition(":")[0]
 
 
 def _whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -115,6 +141,52 @@ def _token(text: str) -> str:
     if not token or any(character.isspace() for character in token):
         raise ValueError("must be a non-empty token without spaces")
     return token
+
+
+def _index(text: str) -> str:
+    if text == "sqlite":
+        return text
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("postgresql", "postgres") or not url.hostname:
+        raise ValueError(
+            f"must be 'sqlite' or a URL like postgresql://user@host:5432/database, not {text!r}"
+        )
+    if url.password is not None:
+        raise ValueError(
+            "must not hold the password, which would show in the process list: set "
+            "PGPASSWORD, PGPASSFILE or PGPASSWORD_FILE instead"
+        )
+    return text
+
+
+def _blobs(text: str) -> str:
+    if text == "file":
+        return text
+    url = urllib.parse.urlsplit(text)
+    if url.scheme != "s3" or len(url.netloc) < 3 or url.query or url.fragment:
+        raise ValueError(f"must be 'file' or s3://bucket or s3://bucket/prefix, not {text!r}")
+    return text
+
+
+def _url(text: str) -> str:
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, not {text!r}")
+    return text
+
+
+def _non_empty(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _secret_from_file(text: str) -> str:
+    try:
+        return _non_empty(_path(text).read_text())
+    except OSError as error:
+        raise ValueError(f"cannot be read: {error.strerror}") from None
 
 
 def _token_from_file(text: str) -> str:
@@ -285,12 +357,7 @@ _SETTINGS = (
         _log_format,
         "'text' for people, 'json' for one JSON object per line (default text)",
     ),
-    _Setting(
-        "write_token",
-        None,
-        _token,
-        "the bearer token that uploads and deletions need (no flag: it would show in ps)",
-    ),
+    _Setting("write_token", None, _token, "the bearer token that uploads and deletions need"),
     _Setting(
         "write_token_file",
         "--write-token-file",
@@ -298,7 +365,91 @@ _SETTINGS = (
         "a file holding the write token",
         field="write_token",
     ),
+    _Setting(
+        "index",
+        "--index",
+        _index,
+        "where the index of images is kept: 'sqlite' (a file in --storage, the default) or "
+        "postgresql://user@host:port/database, shared by several nodes; the password comes "
+        "from PGPASSWORD, PGPASSFILE or the file PGPASSWORD_FILE names, never a flag",
+    ),
+    _Setting(
+        "blobs",
+        "--blobs",
+        _blobs,
+        "where image bytes are kept: 'file' (under --storage, the default) or "
+        "s3://bucket/prefix, shared by several nodes; goes with --index postgresql",
+    ),
+    _Setting(
+        "s3_endpoint",
+        "--s3-endpoint",
+        _url,
+        "the S3-compatible server, e.g. http://127.0.0.1:8333 (default: AWS's own)",
+    ),
+    _Setting("s3_region", "--s3-region", _non_empty, "the bucket's region (default us-east-1)"),
+    _Setting(
+        "s3_access_key",
+        None,
+        _non_empty,
+        "the S3 access key id",
+        env=("AWS_ACCESS_KEY_ID",),
+    ),
+    _Setting(
+        "s3_access_key_file",
+        None,
+        _secret_from_file,
+        "a file holding the S3 access key id",
+        env=("AWS_ACCESS_KEY_ID_FILE",),
+        field="s3_access_key",
+    ),
+    _Setting(
+        "s3_secret_key",
+        None,
+        _non_empty,
+        "the S3 secret access key",
+        env=("AWS_SECRET_ACCESS_KEY",),
+    ),
+    _Setting(
+        "s3_secret_key_file",
+        None,
+        _secret_from_file,
+        "a file holding the S3 secret access key",
+        env=("AWS_SECRET_ACCESS_KEY_FILE",),
+        field="s3_secret_key",
+    ),
+    _Setting("index_password", None, _non_empty, "the PostgreSQL password", env=("PGPASSWORD",)),
+    _Setting(
+        "index_password_file",
+        None,
+        _secret_from_file,
+        "a file holding the PostgreSQL password",
+        env=("PGPASSWORD_FILE",),
+        field="index_password",
+    ),
+    _Setting(
+        "dependency_timeout",
+        "--dependency-timeout",
+        _positive_float,
+        "seconds any one call to PostgreSQL or the object store may take; then the request "
+        "gets 503 (default 5)",
+    ),
+    _Setting(
+        "lease_seconds",
+        "--lease-seconds",
+        _positive_float,
+        "seconds a node's work in progress stays its own without renewal; after a crash, "
+        "any node undoes it once this has passed (default 30)",
+    ),
 )
+
+
+SECRET_VARIABLES = tuple(
+    name
+    for setting in _SETTINGS
+    if setting.flag is None and not setting.name.endswith("_file")
+    for name in setting.env_names
+)
+"""Variables that hold secrets themselves (not the names of files that do)."""
 
 
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -316,8 +467,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="asgilook-aiohttp",
         description="Serve the asgilook image API. Every flag also reads an environment "
         "variable: ASGILOOK_ and the setting's name in capitals (--storage reads "
-        "ASGILOOK_STORAGE_PATH). The write token is read from ASGILOOK_WRITE_TOKEN or from "
-        "the file that --write-token-file or ASGILOOK_WRITE_TOKEN_FILE names.",
+        "ASGILOOK_STORAGE_PATH). Secrets have no flag, which would show them in the process "
+        "list; each is read from a variable, or from a file another variable names: "
+        + "; ".join(
+            f"{setting.help}: {' or '.join(setting.env_names)}"
+            for setting in _SETTINGS
+            if setting.flag is None
+        )
+        + ".",
     )
     for setting in _SETTINGS:
         if setting.flag is None:

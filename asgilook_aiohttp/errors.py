@@ -18,6 +18,9 @@ from aiohttp.typedefs import Handler
 from . import imaging, space
 from .converter import ConversionTimedOut, ConverterUnavailable, QueueFull, WorkerLost
 from .metrics import PROBLEM
+from .storage.ports import Unavailable
+from .store import NotFound
+from .thumbnails import MadeElsewhere
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +71,12 @@ def payload_too_large(detail: str) -> Problem:
     return Problem(413, "too-large", detail)
 
 
+def dependency_unavailable(error: Unavailable) -> Problem:
+    return Problem(
+        503, "dependency-unavailable", str(error), {"Retry-After": str(error.retry_after)}
+    )
+
+
 _IMAGE_PROBLEMS: dict[type[imaging.ImageRejected], tuple[int, str]] = {
     imaging.NotAnImage: (415, "not-an-image"),
     imaging.CorruptImage: (422, "corrupt-image"),
@@ -80,6 +89,7 @@ _UNAVAILABLE: dict[type[ConverterUnavailable], str] = {
     QueueFull: "queue-full",
     ConversionTimedOut: "conversion-timeout",
     WorkerLost: "worker-lost",
+    MadeElsewhere: "thumbnail-in-progress",
 }
 
 # aiohttp's own errors keep these headers (Allow on 405, for one); the body is ours.
@@ -102,6 +112,10 @@ def to_problem(error: Exception) -> Problem | None:
     if isinstance(error, imaging.ImageRejected):
         status, slug = _IMAGE_PROBLEMS[type(error)]
         return Problem(status, slug, str(error))
+    if isinstance(error, NotFound):
+        return not_found(str(error))
+    if isinstance(error, Unavailable):
+        return dependency_unavailable(error)
     if isinstance(error, ConverterUnavailable):
         slug = _UNAVAILABLE[type(error)]
         return Problem(503, slug, str(error), {"Retry-After": str(error.retry_after)})

@@ -24,8 +24,8 @@ from PIL import _imaging as pillow_core
 
 from . import malloc
 from .arena import Arena, InArena
-from .blobs import Placement, place_durably
 from .jpeg import Jpeg, is_jpeg
+from .storage.ports import Destination
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that shows the picture upright.
@@ -94,6 +94,8 @@ class Converted(NamedTuple):
     height: int
     nbytes: int
     sha256: str
+    handed_back: bytes | None = None
+    """The JPEG, where its destination hands it back for the server to store."""
 
 
 def init_worker(memory_limit_bytes: int, server_pid: int, arena: Arena | None = None) -> None:
@@ -134,41 +136,41 @@ def _die_with(server_pid: int) -> None:
 
 
 def convert_upload(
-    upload: InArena | Path, placement: Placement, max_pixels: int, quality: int
+    upload: InArena | Path, destination: Destination, max_pixels: int, quality: int
 ) -> Converted:
-    """Turn an upload, in the arena or in a file (removed once read), into the JPEG stored
-    at ``placement``."""
+    """Turn an upload, in the arena or in a file (removed once read), into the JPEG put at
+    ``destination``."""
     if isinstance(upload, InArena):
         assert _Worker.arena is not None, "the worker was started without the arena"
         data = _Worker.arena.read(upload)
     else:
         data = upload.read_bytes()
         upload.unlink()
-    return convert(data, placement, max_pixels, quality)
+    return convert(data, destination, max_pixels, quality)
 
 
-def convert(data: bytes, placement: Placement, max_pixels: int, quality: int) -> Converted:
-    """Turn an image's bytes into the JPEG stored at ``placement``."""
+def convert(data: bytes, destination: Destination, max_pixels: int, quality: int) -> Converted:
+    """Turn an image's bytes into the JPEG put at ``destination``."""
     try:
         jpeg, size = _to_jpeg(data, max_pixels, quality)
     except MemoryError:
         raise TooMuchMemory(
             "converting this image needs more memory than a worker may use; send a smaller image"
         ) from None
-    return _store(jpeg, size, placement)
+    return _put(jpeg, size, destination)
 
 
-def _store(jpeg: bytes, size: tuple[int, int], placement: Placement) -> Converted:
-    place_durably(jpeg, placement)
-    return Converted(size[0], size[1], len(jpeg), hashlib.sha256(jpeg).hexdigest())
+def _put(jpeg: bytes, size: tuple[int, int], destination: Destination) -> Converted:
+    handed_back = destination.put(jpeg)
+    return Converted(size[0], size[1], len(jpeg), hashlib.sha256(jpeg).hexdigest(), handed_back)
 
 
 def make_thumbnail(
-    source: str, placement: Placement, width: int, height: int, quality: int
+    source: str | bytes, destination: Destination, width: int, height: int, quality: int
 ) -> Converted:
-    """Scale the stored JPEG at ``source`` to exactly ``width`` x ``height``, stored at
-    ``placement``."""
-    with Image.open(source) as image:
+    """Scale a stored JPEG, read from the path or the bytes ``source``, to exactly
+    ``width`` x ``height``, put at ``destination``."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         # Let the JPEG decoder skip detail the thumbnail can't show: it decodes at 1/2,
         # 1/4 or 1/8 scale straight from the DCT data, still at least the target size.
         image.draft("RGB", (width, height))
@@ -176,7 +178,7 @@ def make_thumbnail(
         thumbnail = image.resize((width, height), Image.Resampling.LANCZOS)
     output = io.BytesIO()
     thumbnail.save(output, "JPEG", quality=quality, icc_profile=icc_profile)
-    return _store(output.getvalue(), thumbnail.size, placement)
+    return _put(output.getvalue(), thumbnail.size, destination)
 
 
 def _to_jpeg(data: bytes, max_pixels: int, quality: int) -> tuple[bytes, tuple[int, int]]:

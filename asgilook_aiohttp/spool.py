@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .arena import Arena, InArena, pages_for
-from .blobs import Blobs
 from .config import MiB
 from .space import StorageFull
+from .storage.scratch import Scratch
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ class Staged:
 
 
 class Spool:
-    def __init__(self, blobs: Blobs, arena: Arena, *, disk_bytes: int, keep_free: int) -> None:
+    def __init__(self, scratch: Scratch, arena: Arena, *, disk_bytes: int, keep_free: int) -> None:
         """Bodies may take ``disk_bytes`` in staging files, leaving ``keep_free`` bytes of
         the file system free for conversions."""
-        self._blobs = blobs
+        self._scratch = scratch
         self._arena = arena
         # Last freed, first taken: those pages are resident already.
         self._free = list(range(arena.page_count))
@@ -99,7 +99,7 @@ class Spool:
             return piece
 
         try:
-            path, total = await self._blobs.stage(body())
+            path, total = await self._scratch.stage(body())
         except BaseException:
             self._staged -= staged
             raise
@@ -115,7 +115,7 @@ class Spool:
                 f"uploads still arriving or waiting hold all {self._disk_bytes // MiB} MiB "
                 "of disk this server sets aside for them; nothing was stored, try again later"
             )
-        if self._blobs.free_bytes() - size < self._keep_free:
+        if self._scratch.free_bytes() - size < self._keep_free:
             raise StorageFull(
                 "the server's storage has too little room left to receive this upload; "
                 "nothing was stored, try again later"
@@ -144,4 +144,4 @@ class Spool:
         """Let go of a body no worker has taken, or whose worker did not finish."""
         self.release(staged)
         if isinstance(staged.body, Path):
-            await self._blobs.discard(staged.body)
+            await self._scratch.discard(staged.body)

@@ -1,25 +1,41 @@
 """Thumbnails: which sizes an image offers, and a bounded store of those made so far.
 
-A thumbnail is made in a worker the first time it is asked for, kept on disk, and served
-like an image afterwards. Requests for one that is being made wait for that conversion
-instead of starting their own. Kept thumbnails are bounded by a byte budget: past it, the
-least recently served go first. Recency is recorded at most once per ``TOUCH_INTERVAL``
-per thumbnail, so serving a popular thumbnail does not mean a disk write every time.
+A thumbnail is made in a worker the first time it is asked for, kept as a blob, and
+served like an image afterwards. Of the nodes asked for one at once, the one that claims
+its key in the journal makes it; requests on the same node wait for that conversion, and
+other nodes look in the index until its record is there. Kept thumbnails are bounded by
+a byte budget shared by all nodes: past it, the least recently served go first.
+Recency is recorded at most once per ``TOUCH_INTERVAL`` per thumbnail, so serving a
+popular thumbnail does not mean a write every time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 from . import imaging
-from .blobs import Blobs
-from .converter import Converter
-from .index import ImageRecord, Index, ThumbnailRecord
+from .converter import Converter, ConverterUnavailable
+from .journal import Journal
 from .space import unless_full
+from .storage.ports import (
+    BlobMissing,
+    Blobs,
+    ImageRecord,
+    Index,
+    ThumbnailRecord,
+    Totals,
+    image_key,
+    thumbnail_key,
+)
 
 TOUCH_INTERVAL = 3600
+# How often a node waiting for another's conversion looks for its record, at first and
+# at most: most thumbnails take tens of milliseconds, a 50 MP one a second or two.
+_FIRST_LOOK_SECONDS = 0.01
+_LAST_LOOK_SECONDS = 0.25
 
 
 def thumbnail_sizes(width: int, height: int, min_side: int) -> list[tuple[int, int]]:
@@ -32,40 +48,42 @@ def thumbnail_sizes(width: int, height: int, min_side: int) -> list[tuple[int, i
     return sizes
 
 
+class MadeElsewhere(ConverterUnavailable):
+    """Another node has been making this thumbnail for longer than it may take."""
+
+
 class Thumbnails:
     def __init__(
-        self, index: Index, blobs: Blobs, converter: Converter, budget_bytes: int, quality: int
+        self,
+        index: Index,
+        blobs: Blobs,
+        journal: Journal,
+        converter: Converter,
+        *,
+        budget_bytes: int,
+        quality: int,
+        conversion_timeout: float,
+        counted: Callable[[Totals], None],
     ) -> None:
+        """``counted`` is told the index's totals whenever a thumbnail made here changed
+        them."""
         self._index = index
         self._blobs = blobs
+        self._journal = journal
         self._converter = converter
         self._budget = budget_bytes
         self._quality = quality
-        self._kept_bytes = 0
-        self._making: dict[tuple[str, int, int], asyncio.Task[ThumbnailRecord | None]] = {}
+        # A claim outlives its conversion only when its node stops: then its lease.
+        self._longest_wait = conversion_timeout + journal.lease
+        self._making: dict[str, asyncio.Task[ThumbnailRecord | None]] = {}
         self._eviction = asyncio.Lock()
-
-    async def open(self) -> None:
-        self._kept_bytes = await self._index.thumbnail_bytes()
-
-    @property
-    def kept_bytes(self) -> int:
-        return self._kept_bytes
-
-    def path(self, record: ThumbnailRecord) -> Path:
-        return self._blobs.thumbnail_path(record.image_id, record.width, record.height)
-
-    def forget(self, nbytes: int) -> None:
-        """Account for thumbnails removed with their image."""
-        self._kept_bytes -= nbytes
+        self._counted = counted
 
     async def lookup(
         self, image_id: str, width: int, height: int
     ) -> tuple[ImageRecord | None, ThumbnailRecord | None]:
         """The image and its kept thumbnail of this size, if there are."""
         image, kept = await self._index.image_and_thumbnail(image_id, width, height)
-        if kept is not None and await self._blobs.existing(self.path(kept)) is None:
-            kept = None  # its file went with an eviction racing a remake: make it again
         if kept is not None:
             now = int(time.time())
             # Recency only orders evictions: on a full disk, serving goes on without it.
@@ -75,55 +93,74 @@ class Thumbnails:
         return image, kept
 
     async def make(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
-        """Make and keep a thumbnail; None if the image has gone meanwhile.
-
-        Requests for one that is already being made wait for that conversion.
-        """
-        key = (image.id, width, height)
+        """Make and keep a thumbnail, or wait for the node making it; None if the image
+        has gone meanwhile."""
+        key = thumbnail_key(image.id, width, height)
         making = self._making.get(key)
         if making is None:
-            making = asyncio.create_task(self._make(image, width, height))
+            making = asyncio.create_task(self._claim_and_make(key, image, width, height))
             self._making[key] = making
             making.add_done_callback(lambda done: self._made(key, done))
         # One waiter going away must not cancel the conversion the others wait for.
         return await asyncio.shield(making)
 
-    def _made(self, key: tuple[str, int, int], done: asyncio.Task[ThumbnailRecord | None]) -> None:
+    def _made(self, key: str, done: asyncio.Task[ThumbnailRecord | None]) -> None:
         del self._making[key]
         if not done.cancelled():
             done.exception()  # retrieved here, so it is not logged when no one waits
 
-    async def _make(self, image: ImageRecord, width: int, height: int) -> ThumbnailRecord | None:
-        placement = self._blobs.thumbnail_placement(image.id, width, height)
+    async def _claim_and_make(
+        self, key: str, image: ImageRecord, width: int, height: int
+    ) -> ThumbnailRecord | None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._longest_wait
+        pause = _FIRST_LOOK_SECONDS
+        while not await self._journal.claim(key):
+            found, kept = await self._index.image_and_thumbnail(image.id, width, height)
+            if found is None or kept is not None:
+                return kept
+            if loop.time() >= give_up_at:
+                raise MadeElsewhere(
+                    f"another server has been making this thumbnail for over "
+                    f"{self._longest_wait:g} s; try again shortly"
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _LAST_LOOK_SECONDS)
+        try:
+            found, kept = await self._index.image_and_thumbnail(image.id, width, height)
+            if found is None or kept is not None:  # made, or deleted, before the claim
+                await self._journal.undo([key])
+                return kept
+            return await self._make(key, image, width, height)
+        except BaseException:
+            await self._journal.undo([key])  # what a failed conversion left, if anything
+            raise
+
+    async def _make(
+        self, key: str, image: ImageRecord, width: int, height: int
+    ) -> ThumbnailRecord | None:
+        try:
+            source = await self._blobs.source(image_key(image.id))
+        except BlobMissing:  # the image was deleted meanwhile
+            await self._journal.undo([key])
+            return None
+        destination = self._blobs.destination(key)
         try:
             made = await self._converter.run(
-                imaging.make_thumbnail,
-                str(self._blobs.path(image.id)),
-                placement,
-                width,
-                height,
-                self._quality,
+                imaging.make_thumbnail, source, destination, width, height, self._quality
             )
-        except FileNotFoundError:  # the image was deleted meanwhile
+        except FileNotFoundError:  # deleted as the worker opened it
+            await self._journal.undo([key])
             return None
-        except BaseException:
-            # Its worker may have died half-way, or been stopped for its time just after
-            # moving the file into place: no row will name that file.
-            await self._blobs.discard(placement.staging)
-            await self._blobs.discard_thumbnail(Path(placement.final))
-            raise
+        finally:
+            await self._blobs.abandon(destination)
+        await self._blobs.keep(key, made.handed_back)
         record = ThumbnailRecord(
             image.id, width, height, made.nbytes, made.sha256, int(time.time())
         )
-        try:
-            replaced = await self._index.add_thumbnail(record)
-        except BaseException:  # a full disk, say: no row will name the file
-            await self._blobs.discard_thumbnail(Path(placement.final))
-            raise
-        if replaced is None:
-            await self._blobs.discard_thumbnail(Path(placement.final))
+        if await self._index.add_thumbnail(record, self._journal.owner) is None:
+            await self._journal.undo([key])  # the image was deleted meanwhile
             return None
-        self._kept_bytes += record.nbytes - replaced
         # Evicting needs an index write too; on a full disk the next thumbnail tries again.
         with unless_full():
             await self._keep_within_budget()
@@ -131,11 +168,16 @@ class Thumbnails:
 
     async def _keep_within_budget(self) -> None:
         async with self._eviction:
-            excess = self._kept_bytes - self._budget
-            if excess <= 0:
-                return
-            # Those being made (the caller's own among them) are about to be served: spared.
-            spared = set(self._making)
-            for evicted in await self._index.evict_thumbnails(excess, spared):
-                self._kept_bytes -= evicted.nbytes
-                await self._blobs.discard_thumbnail(self.path(evicted))
+            totals = await self._index.totals()
+            excess = totals.thumbnail_bytes - self._budget
+            if excess > 0:
+                # Those being made (the caller's own among them) are about to be served.
+                evicted = await self._index.evict_thumbnails(
+                    excess, set(self._making), self._journal.owner, self._journal.lease
+                )
+                freed = sum(record.nbytes for record in evicted)
+                totals = dataclasses.replace(totals, thumbnail_bytes=totals.thumbnail_bytes - freed)
+                await self._journal.undo(
+                    [thumbnail_key(r.image_id, r.width, r.height) for r in evicted]
+                )
+            self._counted(totals)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
@@ -11,8 +12,8 @@ from . import auth, caching, uploads
 from .caching import http_date
 from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from .errors import Problem, bad_request, not_found
-from .index import ImageRecord, UnknownCursor
 from .keys import CONFIG, STORE
+from .storage.ports import ImageRecord, UnknownCursor
 from .store import Store
 
 
@@ -120,9 +121,9 @@ class ImageItem(_Resource):
 class ImageFile(_Resource):
     async def get(self) -> web.StreamResponse:
         record = await self.record()
-        return caching.file_response(
+        return caching.blob_response(
             self.request,
-            self.store.image_path(record),
+            functools.partial(self.store.image_body, record),
             record.nbytes,
             caching.validators(record.sha256, record.uploaded),
             gone=f"there is no image with id {record.id}",
@@ -132,31 +133,22 @@ class ImageFile(_Resource):
 
 class Thumbnail(_Resource):
     async def get(self) -> web.StreamResponse:
-        image_id = self.request.match_info["image_id"]
-        width = int(self.request.match_info["width"])
-        height = int(self.request.match_info["height"])
-        record, thumbnail = await self.store.image_and_thumbnail(image_id, width, height)
-        if record is None:
-            raise not_found(f"there is no image with id {image_id}")
-        if (width, height) not in self.store.thumbnail_sizes(record):
-            raise not_found(
-                f"image {record.id} has no {width}x{height} thumbnail; "
-                "its image object lists the sizes it has"
-            )
-        if thumbnail is None:
-            thumbnail = await self.store.make_thumbnail(record, width, height)
-        if thumbnail is None:
-            raise not_found(f"there is no image with id {record.id}")
+        record, thumbnail = await self.store.thumbnail(
+            self.request.match_info["image_id"],
+            int(self.request.match_info["width"]),
+            int(self.request.match_info["height"]),
+        )
         # Made again after an eviction, or on another server, a thumbnail may differ in its
         # bytes but not in its date: the date is no strong validator.
         found = caching.validators(thumbnail.sha256, record.uploaded, strong_date=False)
-        return caching.file_response(
+        return caching.blob_response(
             self.request,
-            self.store.thumbnail_path(thumbnail),
+            functools.partial(self.store.thumbnail_body, thumbnail),
             thumbnail.nbytes,
             found,
-            gone=f"the {width}x{height} thumbnail of image {record.id} was removed as it was "
-            "about to be sent (the image deleted, or the thumbnail evicted); ask again",
+            gone=f"the {thumbnail.width}x{thumbnail.height} thumbnail of image {record.id} was "
+            "removed as it was about to be sent (the image deleted, or the thumbnail evicted); "
+            "ask again",
             pace=self.send_pace,
         )
 

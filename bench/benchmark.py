@@ -41,8 +41,8 @@ from loadgen import Pool
 
 sys.path.insert(0, str(ROOT))
 from asgilook_aiohttp import imaging
-from asgilook_aiohttp.blobs import Placement
 from asgilook_aiohttp.config import Config, MiB, default_workers
+from asgilook_aiohttp.storage.files import Placement
 
 CPUS = len(os.sched_getaffinity(0))
 CONCURRENCY = (1, 4, 16)

@@ -26,14 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from common import percentile, start_server  # noqa: E402
 
-from asgilook_aiohttp.index import Index  # noqa: E402
-from asgilook_aiohttp.store import INDEX_FILE  # noqa: E402
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE  # noqa: E402
+from asgilook_aiohttp.storage.sqlite import SqliteIndex  # noqa: E402
 
 
 async def fill(storage: Path, count: int) -> str:
     """An index of ``count`` images; returns the id 90% of the way in."""
     await asyncio.to_thread(storage.mkdir, parents=True)
-    index = Index(storage / INDEX_FILE)
+    index = SqliteIndex(storage / INDEX_FILE, storage / RESERVE_FILE)
     await index.open()  # creates the schema
     await index.close()
     ids = [str(uuid.UUID(int=n, version=4)) for n in range(count)]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from common import encode, photo, start_server  # noqa: E402
 
 from asgilook_aiohttp import imaging  # noqa: E402
-from asgilook_aiohttp.blobs import Placement  # noqa: E402
+from asgilook_aiohttp.storage.files import Placement  # noqa: E402
 
 
 def make_without_draft(source: str, placement: Placement, width: int, height: int) -> None:
@@ -38,7 +38,7 @@ def make_without_draft(source: str, placement: Placement, width: int, height: in
         thumbnail = image.resize((width, height), Image.Resampling.LANCZOS)
     output = io.BytesIO()
     thumbnail.save(output, "JPEG", quality=90)
-    imaging._store(output.getvalue(), thumbnail.size, placement)  # as the worker stores it
+    placement.put(output.getvalue())  # as the worker stores it
 
 
 def in_process(source: str, size: tuple[int, int], rounds: int) -> tuple[float, float]:

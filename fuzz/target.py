@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 with atheris.instrument_imports():
     from asgilook_aiohttp import imaging, jpeg
-    from asgilook_aiohttp.blobs import Placement
+    from asgilook_aiohttp.storage.files import Placement
 
     import samples
 

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from asgilook_aiohttp import converter
 from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.keys import STORE
-from asgilook_aiohttp.store import INDEX_FILE
+from asgilook_aiohttp.storage.backends import INDEX_FILE
 
 import samples
 
@@ -67,6 +67,11 @@ def stored_files(storage: Path) -> list[str]:
         for path in storage.rglob("*")
         if path.is_file() and not path.name.startswith(INDEX_FILE)
     )
+
+
+def image_file(storage: Path, image_id: str) -> Path:
+    """Where the embedded blob store keeps an image."""
+    return storage / "images" / image_id[:2] / image_id[2:4] / f"{image_id}.jpeg"
 
 
 def staged_bytes(storage: Path) -> int:

@@ -8,8 +8,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from asgilook_aiohttp.index import Index
-from asgilook_aiohttp.store import INDEX_FILE, SPARE_IDS
+from asgilook_aiohttp.journal import SPARE_IDS
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.sqlite import SqliteIndex
 
 import samples
 from checks import (
@@ -92,10 +93,11 @@ async def test_an_interrupted_delete_is_finished_at_start_up(
     image = await upload(first)
     assert (await first.get(image["thumbnails"][0])).status == 200
     await first.close()
-    # A crash after the index forgot the image but before its files were removed.
-    index = Index(storage / INDEX_FILE)
+    # A crash after the index forgot the image but before its files were removed, and
+    # then the lease of the node that crashed ran out.
+    index = SqliteIndex(storage / INDEX_FILE, storage / RESERVE_FILE)
     await index.open()
-    assert await index.delete(image["id"]) is not None
+    assert await index.delete(image["id"], None, "a-node-that-crashed", 0) is not None
     await index.close()
     assert len(stored_files(storage)) == 2
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from asgilook_aiohttp.blobs import Blobs, write_durably
-from asgilook_aiohttp.index import Index
-from asgilook_aiohttp.store import INDEX_FILE, SPARE_IDS
+from asgilook_aiohttp.journal import SPARE_IDS
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.durable import write_durably
+from asgilook_aiohttp.storage.scratch import Scratch
+from asgilook_aiohttp.storage.sqlite import SqliteIndex
 
 import samples
-from checks import ClientFactory, assert_nothing_stored, image_object, index_rows, stored_files
+from checks import (
+    ClientFactory,
+    assert_nothing_stored,
+    image_file,
+    image_object,
+    index_rows,
+    stored_files,
+)
 
 
 async def test_a_second_app_on_the_same_storage_sees_the_same_images(
@@ -36,19 +45,20 @@ async def test_startup_sweeps_what_an_interrupted_upload_left(
     make_client: ClientFactory, storage: Path
 ) -> None:
     # The state a crash leaves between moving the file into place and the index commit:
-    # a journaled pending id whose file is in place, and stray staging files.
+    # a journaled pending id whose file is in place, and stray staging files; and then
+    # the lease of the node that crashed ran out.
     interrupted = str(uuid.uuid4())
-    blobs = Blobs(storage)
-    blobs.open()
-    index = Index(storage / INDEX_FILE)
+    scratch = Scratch(storage)
+    scratch.open()
+    index = SqliteIndex(storage / INDEX_FILE, storage / RESERVE_FILE)
     await index.open()
-    await index.add_pending([interrupted])
+    await index.journal([interrupted], "a-node-that-crashed", 0)
     await index.close()
-    final = blobs.path(interrupted)
+    final = image_file(storage, interrupted)
     final.parent.mkdir(parents=True)
     write_durably(final, samples.encode(samples.two_tone(), "JPEG"))
-    write_durably(blobs.staging_path(".upload"), b"half an upload")
-    write_durably(blobs.staging_path(".jpeg"), b"half a conversion")
+    write_durably(scratch.path(".upload"), b"half an upload")
+    write_durably(scratch.path(".jpeg"), b"half a conversion")
     assert len(stored_files(storage)) == 3
     assert index_rows(storage) == (0, 1)
 
@@ -62,7 +72,7 @@ async def test_sweep_keeps_complete_images(make_client: ClientFactory, storage: 
     first = await make_client()
     image = await (await first.post("/images", data=samples.small_png())).json()
     await first.close()
-    write_durably(Blobs(storage).staging_path(".upload"), b"stray")
+    write_durably(Scratch(storage).path(".upload"), b"stray")
 
     second = await make_client()
     assert stored_files(storage) == [

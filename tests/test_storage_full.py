@@ -24,8 +24,8 @@ import pytest
 from aiohttp import ClientResponse
 from PIL import Image
 
-from asgilook_aiohttp.blobs import Blobs, write_durably
-from asgilook_aiohttp.store import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.durable import write_durably
 
 import samples
 from checks import (
@@ -34,6 +34,7 @@ from checks import (
     assert_nothing_stored,
     assert_problem,
     bearer,
+    image_file,
     scrape,
     staged_bytes,
     stored_files,
@@ -238,9 +239,8 @@ async def test_uploads_that_fill_the_disk_get_201_or_507_and_nothing_else(
     assert statuses.count(507) >= 8
     listed = await (await client.get("/images?limit=1000")).json()
     assert sorted(image["id"] for image in listed) == sorted(created)
-    blobs = Blobs(storage)
     assert stored_files(storage) == sorted(
-        str(blobs.path(image_id).relative_to(storage)) for image_id in created
+        str(image_file(storage, image_id).relative_to(storage)) for image_id in created
     )
 
 
@@ -306,9 +306,9 @@ async def test_start_on_a_full_disk_serves_reads_and_recovers_when_space_returns
         stored = await response.json()
     # What a crash left: a journaled id whose file is in place. And no reserve to give up.
     crashed = str(uuid.uuid4())
-    blobs = Blobs(storage)
-    blobs.path(crashed).parent.mkdir(parents=True)
-    write_durably(blobs.path(crashed), b"half-done")
+    crashed_file = image_file(storage, crashed)
+    crashed_file.parent.mkdir(parents=True)
+    write_durably(crashed_file, b"half-done")
     with index_of(storage) as db:
         db.execute("INSERT INTO pending (id) VALUES (?)", (crashed,))
     (storage / RESERVE_FILE).unlink()
@@ -327,7 +327,7 @@ async def test_start_on_a_full_disk_serves_reads_and_recovers_when_space_returns
         body = await assert_problem(response, 503, "not-ready")
     assert "0 MiB free" in body["detail"]
     assert "kept for deletions" in body["detail"]
-    assert not blobs.path(crashed).exists()
+    assert not crashed_file.exists()
     async with session.post(f"{server.url}/images", data=samples.small_png()) as response:
         await assert_problem(response, 507, "storage-full")
 

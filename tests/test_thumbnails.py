@@ -13,11 +13,14 @@ from typing import Any, cast
 import pytest
 from PIL import Image
 
-from asgilook_aiohttp.blobs import Blobs, Placement, place_durably
 from asgilook_aiohttp.converter import Converter
 from asgilook_aiohttp.imaging import Converted
-from asgilook_aiohttp.index import ImageRecord, Index
-from asgilook_aiohttp.store import INDEX_FILE
+from asgilook_aiohttp.journal import Journal
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.files import LocalBlobs
+from asgilook_aiohttp.storage.ports import Destination, ImageRecord, Totals, image_key
+from asgilook_aiohttp.storage.scratch import Scratch
+from asgilook_aiohttp.storage.sqlite import SqliteIndex
 from asgilook_aiohttp.thumbnails import TOUCH_INTERVAL, Thumbnails
 
 import samples
@@ -278,34 +281,51 @@ class _SmallFileConverter:
     """Stands in for the worker pool: each "thumbnail" is 1000 bytes, made at once but
     only after yielding, so that concurrent makes interleave as they do under load."""
 
-    async def run(self, fn: Any, source: str, placement: Placement, *size: int) -> Converted:
+    async def run(self, fn: Any, source: str, destination: Destination, *size: int) -> Converted:
         await asyncio.sleep(0)
-        place_durably(b"\xff" * 1000, placement)
-        return Converted(size[0], size[1], 1000, "0" * 64)
+        handed_back = destination.put(b"\xff" * 1000)
+        return Converted(size[0], size[1], 1000, "0" * 64, handed_back)
 
 
 async def test_eviction_amid_concurrent_makes_keeps_rows_and_files_together(
     tmp_path: Path,
 ) -> None:
-    blobs = Blobs(tmp_path)
-    blobs.open()
-    index = Index(tmp_path / INDEX_FILE)
+    scratch = Scratch(tmp_path)
+    scratch.open()
+    blobs = LocalBlobs(tmp_path, scratch)
+    await blobs.open()
+    index = SqliteIndex(tmp_path / INDEX_FILE, tmp_path / RESERVE_FILE)
     await index.open()
-    store = Thumbnails(index, blobs, cast(Converter, _SmallFileConverter()), 1500, 90)
-    await store.open()
+    journal = Journal(index, blobs, lease=60)
+    counted: list[Totals] = []
+    store = Thumbnails(
+        index,
+        blobs,
+        journal,
+        cast(Converter, _SmallFileConverter()),
+        budget_bytes=1500,
+        quality=90,
+        conversion_timeout=60,
+        counted=counted.append,
+    )
     images = [
         ImageRecord(f"{n:08d}-0000-4000-8000-000000000000", 0, 64, 64, 1, "0" * 64)
         for n in range(40)
     ]
     for image in images:
-        await index.add(image)
+        blobs.destination(image_key(image.id)).put(b"\xff")
+        await index.journal([image.id], journal.owner, 60)
+        await index.add(image, journal.owner)
     for batch in range(0, 40, 4):
         await asyncio.gather(*(store.make(image, 32, 32) for image in images[batch : batch + 4]))
 
     assert_thumbnail_rows_name_the_files(tmp_path)
     kept = thumbnail_files(tmp_path)
-    assert store.kept_bytes == 1000 * len(kept) == sum(path.stat().st_size for path in kept)
+    kept_bytes = (await index.totals()).thumbnail_bytes
+    assert kept_bytes == 1000 * len(kept) == sum(path.stat().st_size for path in kept)
+    assert counted[-1].thumbnail_bytes == kept_bytes
     # Thumbnails still being handed out when the last eviction ran may overshoot, by at
     # most the rest of their batch; the next eviction takes them into account.
-    assert store.kept_bytes <= 1500 + 3 * 1000
+    assert kept_bytes <= 1500 + 3 * 1000
+    await blobs.close()
     await index.close()

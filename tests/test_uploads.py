@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from PIL import Image, ImageOps
 
-from asgilook_aiohttp.blobs import Blobs
+from asgilook_aiohttp.storage.scratch import Scratch
 
 import samples
 from checks import (
@@ -219,10 +219,10 @@ async def test_a_replaced_part_that_cannot_be_removed_still_lets_the_next_one_go
 ) -> None:
     client = await make_client(upload_memory_mb=1)
 
-    async def cannot_remove(self: Blobs, path: object) -> None:
+    async def cannot_remove(self: Scratch, path: object) -> None:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(Blobs, "discard", cannot_remove)
+    monkeypatch.setattr(Scratch, "discard", cannot_remove)
     form = aiohttp.FormData()
     form.add_field("attachment", io.BytesIO(os.urandom(2 * 1024 * 1024)), filename="big.bin")
     form.add_field("image", io.BytesIO(samples.small_png()), filename="b")
@@ -281,7 +281,7 @@ async def test_in_memory_spilled_and_on_disk_bodies_store_the_same_jpeg(
     upload = samples.megabyte_png()
     assert len(upload) > 1024 * 1024
     written: list[str] = []
-    monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
+    monkeypatch.setattr(Scratch, "stage", _recorded(Scratch.stage, written))
     stored = []
     # All in memory; in memory until the 1 MiB budget runs out, then all to disk; all to disk.
     for memory_mb in (128, 1, 0):
@@ -355,7 +355,7 @@ async def test_a_body_that_outgrows_the_memory_lets_go_of_it_while_it_still_arri
         yield upload[1_100_000:]
 
     written: list[str] = []
-    monkeypatch.setattr(Blobs, "stage", _recorded(Blobs.stage, written))
+    monkeypatch.setattr(Scratch, "stage", _recorded(Scratch.stage, written))
     posting = asyncio.create_task(client.post("/images", data=stalling_body()))
     await until(lambda: staged_bytes(storage) == 1_100_000)  # all that was sent so far
     assert value(await scrape(client), "asgilook_upload_bytes_in_memory") == 0

@@ -1,0 +1,58 @@
+"""Which implementation of each port a configuration asks for.
+
+The embedded pair needs nothing beyond the base install. The shared pair's libraries
+come with the ``scale`` extra, imported only when it is chosen.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+
+from ..config import Config
+from .files import LocalBlobs
+from .ports import Blobs, Index
+from .scratch import Scratch
+from .sqlite import SqliteIndex
+
+INDEX_FILE = "index.sqlite3"
+# Beside the index, whose writes it keeps room for.
+RESERVE_FILE = f"{INDEX_FILE}-reserve"
+
+
+def backends(config: Config, scratch: Scratch) -> tuple[Index, Blobs]:
+    """The index and the blob store ``config`` names; SystemExit if the shared pair is
+    asked for and its libraries are not installed."""
+    if not config.shared_storage:
+        return (
+            SqliteIndex(config.storage_path / INDEX_FILE, config.storage_path / RESERVE_FILE),
+            LocalBlobs(config.storage_path, scratch),
+        )
+    try:
+        from .postgres import PostgresIndex  # noqa: PLC0415 - the extra, only if chosen
+        from .s3 import S3Blobs  # noqa: PLC0415
+    except ImportError as error:
+        raise SystemExit(
+            f"asgilook-aiohttp: --index {config.index.partition(':')[0]} needs the 'scale' "
+            f"extra ({error.name} is missing): pip install 'asgilook-aiohttp[scale]'"
+        ) from None
+    bucket = urllib.parse.urlsplit(config.blobs)
+    return (
+        PostgresIndex(
+            config.index, password=config.index_password, timeout=config.dependency_timeout
+        ),
+        S3Blobs(
+            bucket.netloc,
+            _prefix(bucket.path),
+            endpoint=config.s3_endpoint,
+            region=config.s3_region,
+            access_key=config.s3_access_key,
+            secret_key=config.s3_secret_key,
+            timeout=config.dependency_timeout,
+        ),
+    )
+
+
+def _prefix(path: str) -> str:
+    """The key prefix an s3:// URL's path names: "" or "some/where/"."""
+    prefix = path.strip("/")
+    return f"{prefix}/" if prefix else ""

@@ -1,0 +1,67 @@
+"""The node's own scratch directory, ``staging/`` under the storage path: upload bodies
+that did not fit in memory, and files on their way into local blob storage.
+
+Nothing in it outlives the process that wrote it: what a crash leaves is removed when
+the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterable
+from pathlib import Path
+
+from .durable import open_file, write_durably
+
+
+class Scratch:
+    def __init__(self, storage_path: Path) -> None:
+        self.directory = storage_path / "staging"
+        self._run = uuid.uuid4().hex[:12]
+        self._serial = itertools.count()
+
+    def open(self) -> None:
+        """Create the directory and remove whatever an interrupted run left in it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path(self, suffix: str) -> Path:
+        # Unique within this process, and apart from any earlier run's (swept anyway).
+        return self.directory / f"{self._run}-{next(self._serial)}{suffix}"
+
+    async def stage(self, chunks: AsyncIterable[bytes]) -> tuple[Path, int]:
+        """Write a stream to a new file as it arrives; return its path and size."""
+        path = self.path(".upload")
+        size = 0
+        try:
+            with await open_file(path, "xb") as file:
+                async for chunk in chunks:
+                    await asyncio.to_thread(file.write, chunk)
+                    size += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, size
+
+    async def discard(self, path: str | os.PathLike[str]) -> None:
+        await asyncio.to_thread(Path(path).unlink, missing_ok=True)
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.directory)
+        return stats.f_bavail * stats.f_frsize
+
+    async def is_writable(self) -> bool:
+        return await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> bool:
+        probe = self.path(".probe")
+        try:
+            write_durably(probe, b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
