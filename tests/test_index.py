@@ -223,3 +223,30 @@ async def test_no_room_to_create_an_index_is_an_error_that_says_so(disk: Path) -
         await index.open()
     await index.close()
     assert is_full(raised.value)
+
+
+async def test_expired_entries_are_taken_over_on_a_full_disk_without_a_reserve(
+    disk: Path,
+) -> None:
+    index = open_index(disk)
+    await index.open()
+    try:
+        await index.journal(["left-1", "left-2"], "a-node-that-crashed", -1)
+        (disk / "index.sqlite3-reserve").unlink()  # and no reserve to give up
+        filler = fill(disk)
+
+        # Their blobs are to be removed, which frees room: the takeover does not wait for it.
+        assert sorted(await index.take_expired(OWNER, LEASE, 10)) == ["left-1", "left-2"]
+        assert await index.take_expired("another", LEASE, 10) == []
+        assert not await index.claim("left-1", "another", LEASE)
+        with pytest.raises(sqlite3.Error) as raised:
+            await index.claim("left-1", OWNER, LEASE)
+        assert is_full(raised.value)
+
+        filler.unlink()
+        assert await index.claim("left-1", OWNER, LEASE)
+        await index.unjournal(["left-1", "left-2"], OWNER)
+        await index.renew(OWNER, -1)
+        assert await index.take_expired("another", LEASE, 10) == []
+    finally:
+        await index.close()

@@ -124,6 +124,10 @@ class SqliteIndex:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._db: sqlite3.Connection | None = None
         self._shared = True
+        # Entries taken over when the disk was too full to write it, and by whom. Only
+        # this process writes the index, so this holds them as a lease on disk would
+        # (there they stay expired) until a claim or a clearing is written.
+        self._unwritten: dict[str, str] = {}
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -238,18 +242,26 @@ class SqliteIndex:
 
     async def claim(self, key: str, owner: str, lease: float) -> bool:
         def claim(db: sqlite3.Connection) -> bool:
+            if self._unwritten.get(key, owner) != owner:
+                return False
             now = time.time()
-            return bool(db.execute(_CLAIM, (key, owner, now + lease, now)).fetchall())
+            held = bool(db.execute(_CLAIM, (key, owner, now + lease, now)).fetchall())
+            self._unwritten.pop(key, None)  # expired on disk, so written as taken now
+            return held
 
         return await self._call(claim)
 
     async def unjournal(self, keys: Collection[str], owner: str) -> None:
         def unjournal(db: sqlite3.Connection) -> None:
+            unwritten = [key for key in keys if self._unwritten.get(key) == owner]
             with db:
                 db.execute("BEGIN")
                 db.executemany(
                     "DELETE FROM pending WHERE id = ? AND owner = ?", [(key, owner) for key in keys]
                 )
+                db.executemany("DELETE FROM pending WHERE id = ?", [(key,) for key in unwritten])
+            for key in unwritten:
+                del self._unwritten[key]
 
         await self._call(unjournal)
 
@@ -263,13 +275,24 @@ class SqliteIndex:
     async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
         def take(db: sqlite3.Connection) -> list[str]:
             now = time.time()
-            rows = db.execute(
-                "UPDATE pending SET owner = ?, expires = ? WHERE id IN "
-                "(SELECT id FROM pending WHERE expires < ? ORDER BY expires LIMIT ?) "
-                "RETURNING id",
-                (owner, now + lease, now, limit),
-            ).fetchall()
-            return [row[0] for row in rows]
+            expired = db.execute(
+                "SELECT id FROM pending WHERE expires < ? ORDER BY expires LIMIT ?",
+                (now, limit + len(self._unwritten)),
+            )
+            keys = [key for (key,) in expired if key not in self._unwritten][:limit]
+            try:
+                with db:
+                    db.execute("BEGIN")
+                    db.executemany(
+                        "UPDATE pending SET owner = ?, expires = ? WHERE id = ?",
+                        [(owner, now + lease, key) for key in keys],
+                    )
+            except sqlite3.Error as error:
+                # Taking them over frees room, as their blobs go: it must not wait for it.
+                if not is_full(error):
+                    raise
+                self._unwritten.update(dict.fromkeys(keys, owner))
+            return keys
 
         return await self._call(take)
 
