@@ -14,6 +14,7 @@ from asgilook_aiohttp.config import Config
 from asgilook_aiohttp.connections import connection_options
 
 from checks import Client, ClientFactory
+from cluster import library  # noqa: F401
 from engine_postgres import postgres, postgres_url  # noqa: F401
 from engine_seaweedfs import s3_bucket, seaweedfs  # noqa: F401
 from serving import stop_all
