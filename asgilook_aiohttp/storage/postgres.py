@@ -253,9 +253,11 @@ class PostgresIndex:
     async def _run(self, work: Callable[[_Connection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection, all within the deadline."""
         assert self._pool is not None, "the index is not open"
+        connected = False
         try:
             async with asyncio.timeout(self._timeout):
                 db = await self._pool.acquire(timeout=self._timeout)
+                connected = True
                 try:
                     return await work(db)
                 except (asyncio.CancelledError, *_UNREACHED):
@@ -270,11 +272,13 @@ class PostgresIndex:
         except _UNREACHED as error:
             if not _unavailable(error):
                 raise
-            raise Unavailable(self.name, self._detail(error)) from error
+            raise Unavailable(self.name, self._detail(error, connected)) from error
 
-    def _detail(self, error: Exception) -> str:
+    def _detail(self, error: Exception, connected: bool) -> str:
         if isinstance(error, TimeoutError):
-            return f"no answer within {self._timeout:g} s"
+            if connected:
+                return f"no answer within {self._timeout:g} s"
+            return f"no connection within {self._timeout:g} s (or all {self._pool_size} in use)"
         if isinstance(error, OSError):
             return f"cannot connect: {error}"
         return str(error) or type(error).__name__
