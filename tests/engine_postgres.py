@@ -47,22 +47,16 @@ class Postgres:
         return self.url(name)
 
     def initialise(self) -> None:
-        _run(
-            *_as_owner(BIN / "initdb", "-D", str(self._data), "-U", _USER),
-            *("-A", "trust", "--no-sync"),
-        )
+        _run(*_as_owner(BIN / "initdb", "-D", self._data, "-U", _USER, "-A", "trust", "--no-sync"))
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self._directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = str(self._directory / "log")
-        _run(
-            *_as_owner(BIN / "pg_ctl", "-D", str(self._data), "-l", log, "-o", options, "-w"),
-            "start",
-        )
+        log = self._directory / "log"
+        _run(*_as_owner(BIN / "pg_ctl", "-D", self._data, "-l", log, "-o", options, "-w", "start"))
 
     def stop(self) -> None:
         """Stop at once, as a crash would: the next start recovers."""
-        _run(*_as_owner(BIN / "pg_ctl", "-D", str(self._data), "-m", "immediate", "-w"), "stop")
+        _run(*_as_owner(BIN / "pg_ctl", "-D", self._data, "-m", "immediate", "-w", "stop"))
 
     @property
     def running(self) -> bool:
