@@ -376,8 +376,9 @@ class Store:
 
     async def _catch_up(self) -> None:
         """Do what a full disk or an outage put off, as far as possible now."""
-        await self._index.catch_up()
+        # Entries first: once the index catches up on its own, it may call itself ready.
         await self._journal.settle()
+        await self._index.catch_up()
         await self._journal.sweep()
         await self._tally.read(self._index)
 
