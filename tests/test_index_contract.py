@@ -230,6 +230,14 @@ async def test_only_the_owner_clears_or_renews_its_entries(index: Index) -> None
     assert await index.take_expired(A, LEASE, 10) == ["a2"]
 
 
+async def test_a_node_never_takes_over_its_own_expired_entries(index: Index) -> None:
+    # Its work on them may still be under way: the add of an upload whose lease ran out
+    # while the index was unreachable, say. Renewing them is its own business.
+    await index.journal(["mine"], A, EXPIRED)
+    assert await index.take_expired(A, LEASE, 10) == []
+    assert await index.take_expired(B, LEASE, 10) == ["mine"]
+
+
 async def test_journaling_again_renews_only_the_owner_s_own_entry(index: Index) -> None:
     await index.journal(["mine", "theirs"], A, EXPIRED)
     await index.journal(["mine"], A, LEASE)

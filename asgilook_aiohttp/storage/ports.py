@@ -137,8 +137,9 @@ class Index(Protocol):
         """Extend every lease ``owner`` holds to ``lease`` seconds from now."""
 
     async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
-        """Take over up to ``limit`` entries whose lease has expired; their keys. Two
-        nodes asking at once never take the same entry."""
+        """Take over up to ``limit`` entries of other owners whose lease has expired; their
+        keys. Two nodes asking at once never take the same entry. The owner's own are
+        left to it: still in hand, their work could finish between its undoing's steps."""
 
     # Images.
 

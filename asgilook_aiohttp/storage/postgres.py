@@ -133,7 +133,8 @@ RETURNING true
 """
 _TAKE_EXPIRED = """
 WITH expired AS MATERIALIZED (
-    SELECT id FROM pending WHERE expires < now() ORDER BY expires LIMIT $3
+    SELECT id FROM pending WHERE expires < now() AND owner IS DISTINCT FROM $1
+    ORDER BY expires LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pending SET owner = $1, expires = now() + make_interval(secs => $2)

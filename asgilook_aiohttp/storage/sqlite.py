@@ -276,8 +276,9 @@ class SqliteIndex:
         def take(db: sqlite3.Connection) -> list[str]:
             now = time.time()
             expired = db.execute(
-                "SELECT id FROM pending WHERE expires < ? ORDER BY expires LIMIT ?",
-                (now, limit + len(self._unwritten)),
+                "SELECT id FROM pending WHERE expires < ? AND owner IS NOT ? "
+                "ORDER BY expires LIMIT ?",
+                (now, owner, limit + len(self._unwritten)),
             )
             keys = [key for (key,) in expired if key not in self._unwritten][:limit]
             try:
