@@ -27,20 +27,23 @@ class Server:
         await self.process.wait()
 
 
-async def start_server(storage: Path, *flags: str) -> Server:
-    """``run.py`` on a free loopback port, with fresh or given storage; quiet."""
+async def start_server(storage: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+    """``run.py`` on a free loopback port, with fresh or given storage; quiet. ``env`` is
+    added to the environment."""
     return await start_python(
-        str(ROOT / "run.py"), "--port", "0", "--storage", str(storage), *flags
+        str(ROOT / "run.py"), "--port", "0", "--storage", str(storage), *flags, env=env
     )
 
 
-async def start_python(*arguments: str) -> Server:
-    """A Python program that prints the loopback address it serves on, once it does."""
+async def start_python(*arguments: str, env: dict[str, str] | None = None) -> Server:
+    """A Python program that prints the loopback address it serves on, once it does;
+    ``env`` is added to the environment."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         *arguments,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
@@ -118,3 +121,23 @@ def tree_cpu(pid: int, *, reaped: bool = False) -> tuple[float, float]:
         (int(own[11]) + int(own[12])) / tick,
         sum(int(n) for process in descendants for n in process[11:last]) / tick,
     )
+
+
+def tree_cpu_total(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants, with every child
+    that exited and was waited for by any of them: the whole of what a server that
+    forks and reaps its own processes (PostgreSQL's postmaster) has cost."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(int(n) for process in _tree(pid).values() for n in process[11:15]) / tick
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent so far, as (busy, all), from /proc/stat;
+    time waiting for the disk or taken by the hypervisor (steal) is not busy."""
+    with open("/proc/stat") as stat:
+        user, nice, system, idle, iowait, irq, softirq, steal = (
+            int(n) for n in stat.readline().split()[1:9]
+        )
+    busy = user + nice + system + irq + softirq
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, (busy + idle + iowait + steal) / tick
