@@ -8,6 +8,11 @@ record names any more, then clearing it. A node undoes its own failed work at on
 if a dependency is down just then, on a later ``settle``; it undoes other nodes' expired
 work on ``sweep``. Ids are journaled ahead, a batch in one write, so that an upload need
 not wait for one.
+
+The index grants a node its own entries again, so it is here that two tasks of one node
+are kept from working on one key at once (making a thumbnail while it is undone, say):
+a key is in hand of one task, from its claim (or the write that journaled it) until its
+work is recorded or undone.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
+from typing import TypeVar
 
 from .space import is_full
 from .storage.ports import Blobs, Index, Unavailable, thumbnail_of
+
+T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
@@ -36,7 +44,11 @@ class Journal:
         self.lease = lease
         self._spare_ids: list[str] = []
         self._issuing = asyncio.Lock()
-        # This node's entries whose undoing failed (a dependency was down): tried again.
+        self._in_hand: set[str] = set()
+        # Held while keys not known beforehand are journaled for this node (taken over,
+        # evicted): no claim here is granted one of them before they are in hand.
+        self._taking = asyncio.Lock()
+        # Keys in hand whose undoing failed (a dependency was down): tried again.
         self._to_undo: set[str] = set()
 
     @property
@@ -57,29 +69,66 @@ class Journal:
         self._spare_ids.append(image_id)
 
     async def claim(self, key: str) -> bool:
-        return await self._index.claim(key, self.owner, self.lease)
+        """Journal ``key`` for this node unless another node holds it, or another task here
+        has it in hand; whether the caller has it in hand now. It lets go with ``done``
+        once its work is recorded, or with ``undo``."""
+        async with self._taking:
+            if key in self._in_hand:
+                return False
+            self._in_hand.add(key)
+        held = False
+        try:
+            held = await self._index.claim(key, self.owner, self.lease)
+        finally:
+            if not held:
+                self._in_hand.discard(key)
+        return held
+
+    def done(self, key: str) -> None:
+        """Let go of a key whose work is recorded, which cleared its entry."""
+        self._in_hand.discard(key)
+
+    async def take(
+        self,
+        journaling: Callable[[frozenset[str]], Awaitable[list[T]]],
+        key: Callable[[T], str],
+    ) -> list[T]:
+        """Journal for this node what ``journaling`` chooses, told the keys in hand here
+        (to leave alone, where it can), while no claim here begins; what it took is the
+        caller's in hand now, to ``undo``. A key in hand already is left to its holder,
+        which has the entry now."""
+        async with self._taking:
+            journaled = await journaling(frozenset(self._in_hand))
+            taken = [item for item in journaled if key(item) not in self._in_hand]
+            self._in_hand.update(map(key, taken))
+        return taken
 
     async def undo(self, keys: Collection[str]) -> None:
-        """Remove the blobs of these entries that no record names, then clear them; what
-        cannot be done now is done by a later ``settle``. Never fails the caller."""
-        self._to_undo.update(keys)
-        await self.settle()
+        """Remove the blobs of these entries that no record names, then clear them and let
+        go of them; what cannot be done now is done by a later ``settle``. The caller has
+        the keys in hand, or journaled them itself. Never fails the caller."""
+        self._in_hand.update(keys)
+        await self._settle(keys)
 
     async def settle(self) -> None:
         """Undo what this node could not undo earlier."""
-        pending = list(self._to_undo)
-        if not pending:
+        await self._settle(list(self._to_undo))
+
+    async def _settle(self, keys: Collection[str]) -> None:
+        if not keys:
             return
         try:
             # An entry another node took over while this one was stopped is theirs to undo:
             # its blob may be theirs by now.
-            held = [key for key in pending if await self._index.claim(key, self.owner, self.lease)]
+            held = [key for key in keys if await self._index.claim(key, self.owner, self.lease)]
             await self._undo(held)
         except Exception as error:
             if not isinstance(error, Unavailable) and not is_full(error):
-                _log.exception("could not undo %d journaled entries", len(pending))
+                _log.exception("could not undo %d journaled entries", len(keys))
+            self._to_undo.update(keys)
             return
-        self._to_undo.difference_update(pending)
+        self._to_undo.difference_update(keys)
+        self._in_hand.difference_update(keys)
 
     async def _undo(self, keys: Collection[str]) -> None:
         for key in keys:
@@ -95,16 +144,20 @@ class Journal:
         """Take over the entries of other nodes (or of this one's earlier runs) whose
         lease expired, and undo them; how many."""
         swept = 0
-        while taken := await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH):
+        while taken := await self.take(self._take_expired, str):
             try:
                 await self._undo(taken)
             except Exception:
-                self._to_undo.update(taken)  # held by this node now: settled later
+                self._to_undo.update(taken)  # in hand: settled later
                 raise
+            self._in_hand.difference_update(taken)
             swept += len(taken)
             if len(taken) < _SWEEP_BATCH:
                 break
         return swept
+
+    async def _take_expired(self, in_hand: frozenset[str]) -> list[str]:
+        return await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH)
 
     async def renew(self) -> None:
         await self._index.renew(self.owner, self.lease)

@@ -131,10 +131,15 @@ class Thumbnails:
             if found is None or kept is not None:  # made, or deleted, before the claim
                 await self._journal.undo([key])
                 return kept
-            return await self._make(key, image, width, height)
+            made = await self._make(key, image, width, height)
         except BaseException:
             await self._journal.undo([key])  # what a failed conversion left, if anything
             raise
+        if made is not None:
+            # Evicting needs an index write too; on a full disk the next thumbnail tries again.
+            with unless_full():
+                await self._keep_within_budget()
+        return made
 
     async def _make(
         self, key: str, image: ImageRecord, width: int, height: int
@@ -161,9 +166,7 @@ class Thumbnails:
         if await self._index.add_thumbnail(record, self._journal.owner) is None:
             await self._journal.undo([key])  # the image was deleted meanwhile
             return None
-        # Evicting needs an index write too; on a full disk the next thumbnail tries again.
-        with unless_full():
-            await self._keep_within_budget()
+        self._journal.done(key)
         return record
 
     async def _keep_within_budget(self) -> None:
@@ -171,13 +174,20 @@ class Thumbnails:
             totals = await self._index.totals()
             excess = totals.thumbnail_bytes - self._budget
             if excess > 0:
-                # Those being made (the caller's own among them) are about to be served.
-                evicted = await self._index.evict_thumbnails(
-                    excess, set(self._making), self._journal.owner, self._journal.lease
+                # Those being made here (the caller's own among them) are about to be
+                # served; those in hand here are being made or undone.
+                journal = self._journal
+                evicted = await journal.take(
+                    lambda in_hand: self._index.evict_thumbnails(
+                        excess, in_hand | set(self._making), journal.owner, journal.lease
+                    ),
+                    _key_of,
                 )
                 freed = sum(record.nbytes for record in evicted)
                 totals = dataclasses.replace(totals, thumbnail_bytes=totals.thumbnail_bytes - freed)
-                await self._journal.undo(
-                    [thumbnail_key(r.image_id, r.width, r.height) for r in evicted]
-                )
+                await self._journal.undo([_key_of(record) for record in evicted])
             self._counted(totals)
+
+
+def _key_of(record: ThumbnailRecord) -> str:
+    return thumbnail_key(record.image_id, record.width, record.height)
