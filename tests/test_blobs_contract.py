@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from engine_seaweedfs import SeaweedFS, s3_bucket, seaweedfs  # noqa: F401
 
 from asgilook_aiohttp.storage.files import LocalBlobs, Placement
 from asgilook_aiohttp.storage.ports import (
@@ -33,6 +32,8 @@ from asgilook_aiohttp.storage.ports import (
     thumbnail_key,
 )
 from asgilook_aiohttp.storage.scratch import Scratch
+
+from engine_seaweedfs import SeaweedFS, s3_bucket, seaweedfs  # noqa: F401
 
 if TYPE_CHECKING:
     from asgilook_aiohttp.storage.s3 import S3Blobs
