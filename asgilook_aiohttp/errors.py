@@ -73,7 +73,10 @@ def payload_too_large(detail: str) -> Problem:
 
 def dependency_unavailable(error: Unavailable) -> Problem:
     return Problem(
-        503, "dependency-unavailable", str(error), {"Retry-After": str(error.retry_after)}
+        503,
+        "dependency-unavailable",
+        f"{error}; try again in {error.retry_after} s",
+        {"Retry-After": str(error.retry_after)},
     )
 
 

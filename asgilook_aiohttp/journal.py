@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
@@ -43,6 +45,9 @@ class Journal:
         self.owner = uuid.uuid4().hex
         self.lease = lease
         self._spare_ids: list[str] = []
+        # Until when, by this node's clock, the spare ids' entries are surely still its
+        # own: past it, another node may have swept them while this one could not renew.
+        self._spares_held_until = -math.inf
         self._issuing = asyncio.Lock()
         self._in_hand: set[str] = set()
         # Held while keys not known beforehand are journaled for this node (taken over,
@@ -58,10 +63,21 @@ class Journal:
     async def new_id(self) -> str:
         """A fresh image id, already journaled for this node."""
         async with self._issuing:
+            if self._spare_ids and time.monotonic() >= self._spares_held_until:
+                # An upload given one that was swept would fail: those still journaled
+                # for this node are let go, and a fresh batch journaled.
+                stale, self._spare_ids = self._spare_ids, []
+                try:
+                    await self._index.unjournal(stale, self.owner)
+                except BaseException:
+                    self._spare_ids.extend(stale)
+                    raise
             if not self._spare_ids:
+                journaling = time.monotonic()
                 batch = [str(uuid.uuid4()) for _ in range(SPARE_IDS)]
                 await self._index.journal(batch, self.owner, self.lease)
                 self._spare_ids.extend(batch)  # beside any a refusal gave back meanwhile
+                self._spares_held_until = journaling + self.lease
             return self._spare_ids.pop()
 
     def give_back(self, image_id: str) -> None:
@@ -103,12 +119,19 @@ class Journal:
             self._in_hand.update(map(key, taken))
         return taken
 
-    async def undo(self, keys: Collection[str]) -> None:
+    async def undo(self, keys: Collection[str], *, cause: BaseException | None = None) -> None:
         """Remove the blobs of these entries that no record names, then clear them and let
         go of them; what cannot be done now is done by a later ``settle``. The caller has
-        the keys in hand, or journaled them itself. Never fails the caller."""
+        the keys in hand, or journaled them itself. Never fails the caller.
+
+        Work that failed because a dependency did (``cause`` is ``Unavailable``) is left
+        to that ``settle`` at once: asking it again now would most likely hold the caller,
+        already due a 503, for another whole timeout."""
         self._in_hand.update(keys)
-        await self._settle(keys)
+        if isinstance(cause, Unavailable):
+            self._to_undo.update(keys)
+        else:
+            await self._settle(keys)
 
     async def settle(self) -> None:
         """Undo what this node could not undo earlier."""
@@ -160,7 +183,10 @@ class Journal:
         return await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH)
 
     async def renew(self) -> None:
+        renewing = time.monotonic()
         await self._index.renew(self.owner, self.lease)
+        if renewing < self._spares_held_until:  # else they may be gone already
+            self._spares_held_until = renewing + self.lease
 
     async def close(self) -> None:
         """Let go of the ids journaled ahead and not used: no blob has any of them."""

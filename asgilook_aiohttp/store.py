@@ -302,9 +302,9 @@ class Store:
                 # keeping it spares a refusal the journal writes below.
                 self._journal.give_back(image_id)
                 raise
-            except BaseException:
+            except BaseException as error:
                 await self._blobs.abandon(destination)  # its worker may have died
-                await self._journal.undo([image_id])
+                await self._journal.undo([image_id], cause=error)
                 raise
         except BaseException:
             await self._spool.discard(staged)  # the worker removes a file, unless it died first

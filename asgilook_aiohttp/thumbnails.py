@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ TOUCH_INTERVAL = 3600
 # at most: most thumbnails take tens of milliseconds, a 50 MP one a second or two.
 _FIRST_LOOK_SECONDS = 0.01
 _LAST_LOOK_SECONDS = 0.25
+# How often it checks meanwhile that the object store answers.
+_STORE_CHECK_SECONDS = 1.0
 
 
 def thumbnail_sizes(width: int, height: int, min_side: int) -> list[tuple[int, int]]:
@@ -115,10 +118,18 @@ class Thumbnails:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._longest_wait
         pause = _FIRST_LOOK_SECONDS
+        store_checked_at = -math.inf
         while not await self._journal.claim(key):
             found, kept = await self._index.image_and_thumbnail(image.id, width, height)
             if found is None or kept is not None:
                 return kept
+            if loop.time() - store_checked_at >= _STORE_CHECK_SECONDS:
+                # A node that cannot reach the object store keeps its claim until it can
+                # clear it, and this node could not serve the thumbnail either: while the
+                # store is down, that is a 503 now, not once the claim runs out.
+                if not await self._original_exists(image):
+                    return None
+                store_checked_at = loop.time()
             if loop.time() >= give_up_at:
                 raise MadeElsewhere(
                     f"another server has been making this thumbnail for over "
@@ -132,14 +143,24 @@ class Thumbnails:
                 await self._journal.undo([key])
                 return kept
             made = await self._make(key, image, width, height)
-        except BaseException:
-            await self._journal.undo([key])  # what a failed conversion left, if anything
+        except BaseException as error:
+            await self._journal.undo([key], cause=error)  # what a failed conversion left
             raise
         if made is not None:
             # Evicting needs an index write too; on a full disk the next thumbnail tries again.
             with unless_full():
                 await self._keep_within_budget()
         return made
+
+    async def _original_exists(self, image: ImageRecord) -> bool:
+        """Whether the image's blob is there; raises ``Unavailable`` if the store does not
+        answer."""
+        try:
+            body = await self._blobs.body(image_key(image.id), 0, 0)
+        except BlobMissing:  # the image was deleted meanwhile
+            return False
+        await body.close()
+        return True
 
     async def _make(
         self, key: str, image: ImageRecord, width: int, height: int
