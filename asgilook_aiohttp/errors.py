@@ -72,10 +72,13 @@ def payload_too_large(detail: str) -> Problem:
 
 
 def dependency_unavailable(error: Unavailable) -> Problem:
+    # What failed, and where, is for operators: the log has it, not every client.
+    _log.warning("%s", error)
     return Problem(
         503,
         "dependency-unavailable",
-        f"{error}; try again in {error.retry_after} s",
+        f"{error.dependency} is unavailable: it failed or did not answer in time; "
+        f"try again in {error.retry_after} s",
         {"Retry-After": str(error.retry_after)},
     )
 

@@ -193,5 +193,7 @@ class Journal:
         spare, self._spare_ids = self._spare_ids, []
         try:
             await self._index.unjournal(spare, self.owner)
-        except Exception:  # the next node to start sweeps them once their lease expires
+        except Unavailable as error:  # another node sweeps them once their lease expires
+            _log.warning("could not clear %d spare ids from the journal: %s", len(spare), error)
+        except Exception:
             _log.exception("could not clear %d spare ids from the journal", len(spare))

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from . import imaging
 from .arena import Arena
 from .config import Config, MiB
-from .converter import Converter
+from .converter import Converter, QueueFull
 from .journal import Journal
 from .metrics import Metrics
 from .space import StorageFull, is_full
@@ -297,9 +297,9 @@ class Store:
                     delete_token_sha256=delete_token_sha256,
                 )
                 await self._index.add(record, self._journal.owner)
-            except imaging.ImageRejected:
-                # Refused before the worker wrote anything: the id is as good as new, and
-                # keeping it spares a refusal the journal writes below.
+            except (imaging.ImageRejected, QueueFull):
+                # Refused before any worker wrote anything: the id is as good as new, and
+                # keeping it spares a refusal the journal and store round trips below.
                 self._journal.give_back(image_id)
                 raise
             except BaseException as error:

@@ -15,6 +15,8 @@ import samples
 from checks import (
     ClientFactory,
     assert_nothing_stored,
+    assert_problem,
+    fill_the_queue,
     image_file,
     image_object,
     index_rows,
@@ -100,3 +102,16 @@ async def test_ids_are_journaled_ahead_and_each_is_cleared_once_used(
     assert len({image["id"] for image in listed}) == SPARE_IDS + 1
     await client.close()
     assert index_rows(storage) == (SPARE_IDS + 1, 0)  # spare ids are let go at shutdown
+
+
+async def test_an_upload_refused_for_a_full_queue_gives_its_id_back(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    # Refusals come fastest under overload: they must cost no journal or store round trip.
+    client = await make_client(queue_size=1)
+    running, queued = await fill_the_queue(client)
+    assert index_rows(storage) == (0, SPARE_IDS)
+    await assert_problem(await client.post("/images", data=samples.small_png()), 503, "queue-full")
+    assert index_rows(storage) == (0, SPARE_IDS)
+    assert (await running).status == (await queued).status == 201
+    assert index_rows(storage) == (2, SPARE_IDS - 2)
