@@ -131,13 +131,31 @@ def tree_cpu_total(pid: int) -> float:
     return sum(int(n) for process in _tree(pid).values() for n in process[11:15]) / tick
 
 
-def machine_cpu() -> tuple[float, float]:
-    """CPU seconds the whole machine has spent so far, as (busy, all), from /proc/stat;
-    time waiting for the disk or taken by the hypervisor (steal) is not busy."""
+def machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine has spent so far, from /proc/stat and /proc: ``busy``
+    in all, of it ``interrupts`` (hard and soft interrupts, such as loopback networking,
+    which no process is charged with) and ``kernel_threads`` (kthreadd's children, such
+    as writeback workers), and ``capacity``, all CPUs' time whether busy or not. Time
+    waiting for the disk or taken by the hypervisor (steal) is not busy."""
     with open("/proc/stat") as stat:
         user, nice, system, idle, iowait, irq, softirq, steal = (
             int(n) for n in stat.readline().split()[1:9]
         )
     busy = user + nice + system + irq + softirq
+    kernel_threads = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as process:
+                    fields = process.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] in ("0", "2") and entry.name != "1":  # kthreadd and its children
+                kernel_threads += int(fields[11]) + int(fields[12])
     tick = os.sysconf("SC_CLK_TCK")
-    return busy / tick, (busy + idle + iowait + steal) / tick
+    return {
+        "busy": busy / tick,
+        "interrupts": (irq + softirq) / tick,
+        "kernel_threads": kernel_threads / tick,
+        "capacity": (busy + idle + iowait + steal) / tick,
+    }
