@@ -121,7 +121,7 @@ class _Reading(asyncio.BufferedProtocol):
             self._left -= nbytes
             if self._status != 200:
                 self._head += self._buffer[:nbytes]
-        if self._left == 0 and self._answer is not None:
+        if self._left == 0 and self._answer is not None and not self._answer.done():
             self._answer.set_result((self._status, self._length, bytes(self._head)))
 
     async def get(self, path: str) -> tuple[int, int, bytes]:
@@ -599,14 +599,17 @@ if __name__ == "__main__":
     two_node_workers = arguments.two_node_workers or max(1, arguments.workers // 2)
     _stop_on_sigterm()
     machine = wait_for_quiet(arguments.wait_for_quiet)
-    result = asyncio.run(
-        main(
-            [name for name in CONFIGURATIONS if name in chosen],
-            arguments.seconds,
-            arguments.workers,
-            two_node_workers,
+    try:
+        result = asyncio.run(
+            main(
+                [name for name in CONFIGURATIONS if name in chosen],
+                arguments.seconds,
+                arguments.workers,
+                two_node_workers,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        sys.exit("interrupted; everything it started is stopped")
     result["machine_before"] = machine
     result["machine_after"] = quiet(0.5)[1]
     if arguments.json:
