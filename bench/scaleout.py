@@ -75,8 +75,9 @@ Request = Callable[["Node"], Awaitable[int]]
 
 class _Reading(asyncio.BufferedProtocol):
     """One keep-alive connection that sends GETs and counts the bytes of each response
-    into one reused buffer, keeping nothing of a 200's body: a client that kept it, as
-    aiohttp's does, spent about as much CPU on a 12 MP download as the server did."""
+    into one reused buffer, keeping nothing of a 200's body: a client that kept each
+    body (read with a StreamReader) spent more CPU on a 12 MP download than the local
+    server sending it."""
 
     def __init__(self) -> None:
         self._buffer = memoryview(bytearray(1 << 20))
@@ -152,7 +153,12 @@ class Node:
         else:
             loop = asyncio.get_running_loop()
             _, reading = await loop.create_connection(_Reading, self._host, self._port)
-        answer = await reading.get(path)
+        try:
+            answer = await reading.get(path)
+        except BaseException:
+            if reading.transport is not None:  # its state is unknown: not reused
+                reading.transport.close()
+            raise
         self._idle.append(reading)
         return answer
 
