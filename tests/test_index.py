@@ -3,9 +3,7 @@ upgraded in place, and a full disk, on which deleting and opening still work."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -15,6 +13,8 @@ import pytest
 from asgilook_aiohttp.space import Reserve, is_full
 from asgilook_aiohttp.storage.ports import ImageRecord, Totals
 from asgilook_aiohttp.storage.sqlite import CURSOR_QUERY, PAGE_QUERY, SqliteIndex
+
+import disks
 
 OWNER = "node"
 LEASE = 60.0
@@ -110,41 +110,13 @@ async def test_an_index_of_a_later_release_is_refused(tmp_path: Path) -> None:
 # A full disk: a file system of the test's own, filled to the last byte.
 
 
-def _mount(*arguments: str) -> None:
-    done = subprocess.run(["mount", *arguments], capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.decode().strip()}")
-
-
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    _mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point))
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+    yield from disks.tmpfs(tmp_path / "disk", "8m")
 
 
 def fill(disk: Path) -> Path:
-    """Fill the disk; the file that fills it. The write-ahead log of an index there is
-    emptied first, so that every index write needs new room."""
-    if (disk / "index.sqlite3").exists():
-        with closing(sqlite3.connect(disk / "index.sqlite3")) as db:
-            assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (1024 * 1024, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, bytes(size))
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
-    return filler
+    return disks.fill(disk, disk / "index.sqlite3")
 
 
 async def test_a_delete_on_a_full_disk_takes_the_reserve_until_there_is_room(disk: Path) -> None:

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +26,7 @@ from PIL import Image
 from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
 from asgilook_aiohttp.storage.durable import write_durably
 
+import disks
 import samples
 from checks import (
     Client,
@@ -47,29 +47,9 @@ from serving import ROOT, running, start_server
 MiB = 1024 * 1024
 
 
-def mount(*arguments: str) -> None:
-    done = subprocess.run(["mount", *arguments], capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (root is needed): {done.stderr.decode().strip()}")
-
-
-def umount(mount_point: Path) -> None:
-    subprocess.run(["umount", "-l", str(mount_point)], check=True)
-
-
-def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
-    """A file system of its own, of the given size."""
-    mount_point.mkdir()
-    mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point))
-    try:
-        yield mount_point
-    finally:
-        umount(mount_point)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    yield from tmpfs(tmp_path / "small", "4m")
+    yield from disks.tmpfs(tmp_path / "small", "4m")
 
 
 def _noise_jpeg() -> bytes:
@@ -122,39 +102,26 @@ async def test_not_ready_without_room_for_an_upload(
 async def test_readiness_follows_a_read_only_storage(client: Client, storage: Path) -> None:
     assert (await client.get("/readyz")).status == 200
     # A read-only bind mount over the storage directory: new writes there fail with EROFS.
-    mount("--bind", str(storage), str(storage))
+    disks.mount("--bind", str(storage), str(storage))
     try:
-        mount("-o", "remount,bind,ro", str(storage))
+        disks.mount("-o", "remount,bind,ro", str(storage))
         body = await assert_problem(await client.get("/readyz"), 503, "not-ready")
         assert "not writable" in body["detail"]
         assert (await client.get("/healthz")).status == 200
     finally:
-        umount(storage)
+        disks.umount(storage)
     assert (await client.get("/readyz")).status == 200
 
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
-    yield from tmpfs(tmp_path / "disk", "16m")
+    yield from disks.tmpfs(tmp_path / "disk", "16m")
 
 
 def fill(storage: Path) -> Path:
     """Fill the storage's file system to the last byte with a file beside it; return that
-    file. The index's write-ahead log is emptied first, so that every index write needs
-    new room, as it does once the log has grown to its end."""
-    with index_of(storage) as db:
-        assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    filler = storage.parent / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (MiB, 4096, 1):
-            while True:
-                try:
-                    os.write(fd, bytes(size))
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
+    file."""
+    filler = disks.fill(storage.parent, storage / INDEX_FILE)
     assert free_bytes(storage) == 0
     return filler
 
