@@ -56,10 +56,6 @@ class Journal:
         # Keys in hand whose undoing failed (a dependency was down): tried again.
         self._to_undo: set[str] = set()
 
-    @property
-    def spare_ids(self) -> int:
-        return len(self._spare_ids)
-
     async def new_id(self) -> str:
         """A fresh image id, already journaled for this node."""
         async with self._issuing:
@@ -163,10 +159,9 @@ class Journal:
                 await self._blobs.delete_image(key)
         await self._index.unjournal(keys, self.owner)
 
-    async def sweep(self) -> int:
+    async def sweep(self) -> None:
         """Take over the entries of other nodes (or of this one's earlier runs) whose
-        lease expired, and undo them; how many."""
-        swept = 0
+        lease expired, and undo them."""
         while taken := await self.take(self._take_expired, str):
             try:
                 await self._undo(taken)
@@ -174,10 +169,8 @@ class Journal:
                 self._to_undo.update(taken)  # in hand: settled later
                 raise
             self._in_hand.difference_update(taken)
-            swept += len(taken)
             if len(taken) < _SWEEP_BATCH:
                 break
-        return swept
 
     async def _take_expired(self, in_hand: frozenset[str]) -> list[str]:
         return await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH)
