@@ -145,3 +145,52 @@ def test_write_token_problems_are_refused(
         with pytest.raises(SystemExit):
             Config.from_sources(argv, env)
     assert "cannot be read" in capsys.readouterr().err
+
+
+SHARED = ["--index", "postgresql://asgilook@127.0.0.1:5432/asgilook", "--blobs", "s3://pics/a"]
+
+
+def test_shared_storage_secrets_come_from_variables_or_files(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("key-from-a-file\n")
+    (tmp_path / "password").write_text("password-from-a-file\n")
+    env = {
+        "AWS_ACCESS_KEY_ID_FILE": str(tmp_path / "key"),
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "PGPASSWORD_FILE": str(tmp_path / "password"),
+    }
+    config = Config.from_sources(SHARED, env)
+    assert (config.s3_access_key, config.s3_secret_key) == ("key-from-a-file", "secret")
+    assert config.index_password == "password-from-a-file"
+    assert config.shared_storage
+    for secret in ("key-from-a-file", "secret", "password-from-a-file"):
+        assert secret not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--index", "postgresql://me:hunter2@db/pics", "--blobs", "s3://pics"], "PGPASSWORD"),
+        (["--index", "mysql://db/pics", "--blobs", "s3://pics"], "must be 'sqlite' or a URL"),
+        ([*SHARED[:2], "--blobs", "s3://p"], "must be 'file' or s3://bucket"),
+    ],
+)
+def test_bad_shared_storage_settings_are_refused(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_sources(argv, {})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "hunter2" not in error
+
+
+@pytest.mark.parametrize(
+    "argv", [["--index", SHARED[1]], ["--blobs", "s3://pics"], [*SHARED[:2], "--blobs", "file"]]
+)
+def test_a_mixed_pair_exits_with_one_line(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_sources(argv, {})
+    said = str(exit_info.value.code)
+    assert said.startswith("asgilook-aiohttp: --index ")
+    assert "\n" not in said
