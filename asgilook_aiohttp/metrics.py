@@ -56,13 +56,18 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self._gauges: dict[str, Gauge] = {}
+        self.shared_gauges: set[str] = set()
+        """Gauges that read what every process sees alike (the index's totals), so that
+        a scrape of several processes reports them once rather than adding them up."""
 
-    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """A gauge whose value is read when scraped."""
-        gauge = Gauge(name, documentation, registry=self.registry)
-        gauge.set_function(read)
-        self._gauges[name] = gauge
+    def gauge(
+        self, name: str, documentation: str, read: Callable[[], float], *, shared: bool = False
+    ) -> None:
+        """A gauge whose value is read when scraped; ``shared`` if every process reads
+        the same value."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+        if shared:
+            self.shared_gauges.add(name)
 
     def observe_job(self, job: str, outcome: str, seconds: float) -> None:
         self.conversions.labels(job, outcome).inc()

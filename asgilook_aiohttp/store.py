@@ -133,16 +133,20 @@ class Store:
     def _watch(self, metrics: Metrics) -> None:
         converter = self.converter
         tally = self._tally
-        metrics.gauge("asgilook_images_stored", "Images stored.", lambda: tally.totals.images)
+        metrics.gauge(
+            "asgilook_images_stored", "Images stored.", lambda: tally.totals.images, shared=True
+        )
         metrics.gauge(
             "asgilook_image_bytes_stored",
             "Bytes of stored images.",
             lambda: tally.totals.image_bytes,
+            shared=True,
         )
         metrics.gauge(
             "asgilook_thumbnail_bytes_stored",
             "Bytes of kept thumbnails.",
             lambda: tally.totals.thumbnail_bytes,
+            shared=True,
         )
         metrics.gauge(
             "asgilook_upload_bytes_in_memory",
