@@ -72,6 +72,10 @@ class Pool:
             raise
         self._idle.append(connection)
 
+    def keep(self, connection: Connection) -> None:
+        """Reuse ``connection``, already open to this server, before opening any."""
+        self._idle.append(connection)
+
     def close(self) -> None:
         for connection in self._idle:
             connection.close()

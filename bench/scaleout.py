@@ -162,6 +162,10 @@ class Node:
         self._idle.append(reading)
         return answer
 
+    def keep(self, reading: _Reading) -> None:
+        """Reuse ``reading``, already open to this node, for GETs before opening any."""
+        self._idle.append(reading)
+
     def close(self) -> None:
         self.uploads.close()
         for reading in self._idle:
@@ -271,10 +275,10 @@ async def measured(
     return result
 
 
-def uploader(data: bytes) -> Request:
+def uploader(data: bytes, path: str = "/images") -> Request:
     async def upload(node: Node) -> int:
         async with node.uploads.connection() as connection:
-            status, body = await connection.post("/images", data)
+            status, body = await connection.post(path, data)
         if status != 201:
             raise RuntimeError(f"an upload was answered {status}: {body[:500]!r}")
         return len(data)
