@@ -738,12 +738,12 @@ def print_table(report: dict[str, Any]) -> None:
         )
     )
     print(
-        f"\n{'figure':<44} {'ours':>8} {'thumbor':>8} {'ratio':>6}   CPU ms per request, "
+        f"\n{'figure':<44} {'ours':>8} {'thumbor':>8} {'ratio':>8}  CPU ms per request, "
         "server tree / load generator"
     )
-    print(f"{'':<70}{'ours':>15} {'thumbor':>15}")
+    print(f"{'':<72}{'ours':>15} {'thumbor':>15}")
     for row in report["figures"]:
-        cells = f"{row['figure']:<44} {row[OURS]:8.1f} {row[THUMBOR]:8.1f} {row['ratio']:5.2f}x"
+        cells = f"{row['figure']:<44} {row[OURS]:8.1f} {row[THUMBOR]:8.1f} {row['ratio']:7.2f}x"
         if cpu := row.get("cpu_per_request"):
             cells += "".join(
                 f" {cpu[peer]['server_tree_ms']:7.2f} / {cpu[peer]['loadgen_ms']:5.2f}"
@@ -765,10 +765,12 @@ def print_table(report: dict[str, Any]) -> None:
             f"{verdict[THUMBOR]:.1f}, ratio {verdict['ratio']:.2f}"
             + (" (DISTURBED)" if verdict["disturbed"] else "")
         )
+    machine = report["machine_before"]
     print(
         f"\nload average before: {' '.join(report['load_average_before'])}; after: "
-        f"{' '.join(report['load_average_after'])}; {report['machine_before']['seen']} before "
-        f"(waited {report['machine_before']['waited_s']:.0f} s); took {report['took_s']:.0f} s"
+        f"{' '.join(report['load_average_after'])}; when it began: {machine['seen']}, "
+        + ("quiet" if machine["quiet"] else "NOT QUIET")
+        + f" (waited {machine['waited_s']:.0f} s); took {report['took_s']:.0f} s"
     )
 
 
