@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 
-from . import logs, malloc
+from . import logs, malloc, supervisor
 from .config import SECRET_VARIABLES, Config
-from .server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -18,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ.pop(name, None)
     logs.configure(config.log_format)
     malloc.keep_freed_memory()
-    asyncio.run(serve(config))
+    raise SystemExit(supervisor.run(config))
 
 
 if __name__ == "__main__":

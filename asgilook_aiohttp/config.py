@@ -8,6 +8,7 @@ one ``ASGILOOK_*`` variable; the storage path also honours the tutorial's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = field(default_factory=default_workers)
+    http_processes: int = field(default_factory=default_workers)
     queue_size: int = 32
     conversion_timeout: float = 30.0
     worker_memory_mb: int = 1024
@@ -69,11 +71,33 @@ class Config:
     index_password: str | None = field(default=None, repr=False)
     dependency_timeout: float = 5.0
     lease_seconds: float = 30.0
+    http_process: int = 0
+    """Which of the server's HTTP processes this configuration is for (0: the first, or
+    the only one); not a setting."""
 
     @property
     def shared_storage(self) -> bool:
         """Whether the index and blobs are PostgreSQL and S3, shared by several nodes."""
         return self.index != "sqlite"
+
+    def for_http_process(self, number: int) -> Config:
+        """The share of this configuration that HTTP process ``number`` of
+        ``http_processes`` serves with: the limits that hold for the whole server are
+        divided among them, and each has at least one conversion worker."""
+        count = self.http_processes
+
+        def share(total: int, least: int = 0) -> int:
+            return max(least, total // count + (1 if number < total % count else 0))
+
+        return dataclasses.replace(
+            self,
+            http_process=number,
+            workers=share(self.workers, least=1),
+            queue_size=share(self.queue_size),
+            upload_memory_mb=share(self.upload_memory_mb),
+            upload_disk_mb=share(self.upload_disk_mb),
+            max_connections=share(self.max_connections, least=1),
+        )
 
     @classmethod
     def from_sources(
@@ -241,7 +265,20 @@ _SETTINGS = (
         "else $XDG_DATA_HOME/asgilook-aiohttp, else ~/.local/share/asgilook-aiohttp)",
         env=("ASGI_LOOK_STORAGE_PATH",),
     ),
-    _Setting("workers", "--workers", _whole_number(1), "conversion processes (default: CPU count)"),
+    _Setting(
+        "workers",
+        "--workers",
+        _whole_number(1),
+        "conversion processes in all, at least one per HTTP process (default: CPU count)",
+    ),
+    _Setting(
+        "http_processes",
+        "--http-processes",
+        _whole_number(1),
+        "processes serving HTTP on the same sockets, under one main process (default: CPU "
+        "count); the conversion workers, the upload queue, memory and disk, and the "
+        "connection limit are shared out among them",
+    ),
     _Setting(
         "queue_size",
         "--queue-size",

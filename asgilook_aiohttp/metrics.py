@@ -2,17 +2,24 @@
 
 Each app has a registry of its own, so that several apps in one process (tests) do not
 share counters. Label values are bounded: routes by their pattern, never by their URL.
+A server of several HTTP processes reports the sum of all of theirs (``others``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+_log = logging.getLogger(__name__)
 
 PROBLEM = web.RequestKey("problem", str)
 """The problem type a request ended with, set by the error middleware."""
@@ -24,6 +31,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.others: Callable[[], Awaitable[list[bytes]]] | None = None
+        """The series of the server's other HTTP processes, if it has others."""
         self.requests = Counter(
             "asgilook_http_requests",
             "HTTP requests answered, by route pattern, method and status.",
@@ -92,12 +101,77 @@ class Metrics:
         if problem and route == "/images" and request.method == "POST":
             self.rejections.labels(problem).inc()
 
+    def own_series(self) -> bytes:
+        return generate_latest(self.registry)
+
     async def handle(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        others = None if self.others is None else await self.others()
+        body = self.own_series() if others is None else self._with_others(others)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _with_others(self, others: list[bytes]) -> bytes:
+        """This process's series added to the others', but for the shared gauges, which
+        are this process's alone; with a gauge of how many processes are counted."""
+        total = _Sum()
+        total.add(self.registry.collect())
+        counted = 1
+        for series in others:
+            try:
+                families = list(text_string_to_metric_families(series.decode()))
+            except ValueError as error:  # cut short: the process is stopping, say
+                _log.warning("left a process's metrics out of a scrape: %s", error)
+                continue
+            total.add(family for family in families if family.name not in self.shared_gauges)
+            counted += 1
+        processes = Metric(
+            "asgilook_http_processes", "HTTP processes whose series are summed here.", "gauge"
         )
+        processes.add_sample("asgilook_http_processes", {}, counted)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families([*total.families(), processes]))
+        return generate_latest(registry)
 
 
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
+
+
+class _Sum:
+    """Metric families added up sample by sample. Creation times are left out: a sum of
+    several processes' counters has none of its own."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, Metric] = {}
+        self._values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+
+    def add(self, families: Iterable[Metric]) -> None:
+        for family in families:
+            if family.name not in self._families:
+                self._families[family.name] = family
+                self._values[family.name] = {}
+            values = self._values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                values[key] = values.get(key, 0.0) + sample.value
+
+    def families(self) -> list[Metric]:
+        summed = []
+        for name, family in self._families.items():
+            if not self._values[name]:
+                continue  # the creation times the text format gives as families of their own
+            total = Metric(name, family.documentation, family.type, family.unit)
+            for (sample_name, labels), value in self._values[name].items():
+                total.add_sample(sample_name, dict(labels), value)
+            summed.append(total)
+        return summed
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families

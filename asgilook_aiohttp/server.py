@@ -1,70 +1,42 @@
-"""Running the app as a server process: bind, announce, serve until signalled, drain."""
+"""One HTTP process: serve the app on the sockets the main process opened, until
+signalled, then drain."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import logging
 import signal
 import socket
-import stat
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from . import connections, converter, systemd
+from . import connections, converter
+from .accepting import InTurn
 from .app import create_app
 from .config import Config
+from .fleet import Fleet
 from .inflight import InFlight
-from .keys import IN_FLIGHT
+from .keys import IN_FLIGHT, METRICS
 from .logs import AccessLogger
 
 _log = logging.getLogger(__name__)
 _LAST_MOMENT = 0.5
 
-
-def _url(address: Any) -> str:
-    if isinstance(address, str):
-        return f"unix:{address}"
-    host, port = address[0], address[1]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+Tell = Callable[[str], None]
+"""Tells the main process how this one is: ``ready``, then ``alive`` now and then."""
 
 
-async def _listen(
-    protocol: Callable[[], asyncio.BaseProtocol], config: Config
-) -> list[asyncio.Server]:
-    """Sockets passed by systemd if any; else the Unix socket if asked for; else TCP."""
-    loop = asyncio.get_running_loop()
-    if passed := systemd.listen_sockets():
-        return [await loop.create_server(protocol, sock=sock) for sock in passed]
-    if config.unix_path is not None:
-        _remove_stale_socket(config.unix_path)
-        return [await loop.create_unix_server(protocol, str(config.unix_path))]
-    return [await loop.create_server(protocol, config.host, config.port, reuse_address=True)]
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A socket file left by a server that is gone would make binding fail; one that a
-    live server answers on is not ours to take."""
-    try:
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            return
-    except FileNotFoundError:
-        return
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.setblocking(False)
-        # Only a refused connection proves nobody is there; busy, another kind of socket
-        # or an answer all mean the path is in use.
-        if probe.connect_ex(str(path)) != errno.ECONNREFUSED:
-            raise SystemExit(f"asgilook-aiohttp: {path} is a socket in use by another process")
-    path.unlink()
-
-
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config,
+    sockets: Sequence[socket.socket],
+    fleet: Fleet,
+    *,
+    tell: Tell,
+    heartbeat: float,
+) -> None:
     """Serve until SIGTERM or SIGINT, then let in-flight requests finish and stop."""
-    systemd.notify("STATUS=starting: opening the storage and the worker processes")
     cap = connections.connection_cap(config.max_connections)
     app = create_app(config)
     runner = web.AppRunner(
@@ -73,41 +45,54 @@ async def serve(config: Config) -> None:
         shutdown_timeout=config.shutdown_timeout,
         **connections.connection_options(config),
     )
-    # Startup (index, sweep, worker processes) completes before any socket is bound, so
-    # the first connection accepted can already be served.
+    loop = asyncio.get_running_loop()
+    beating = asyncio.create_task(_beat(tell, heartbeat))
+    # Startup (index, sweep, worker processes) completes before any connection is
+    # accepted, so the first one can already be served.
     await runner.setup()
     assert runner.server is not None
-    watchdog: asyncio.Task[None] | None = None
-    listeners: list[asyncio.Server] = []
+    server = runner.server
+    listeners: list[asyncio.Server | InTurn] = []
     try:
-        listeners = await _listen(connections.capped(runner.server, cap), config)
+        if fleet.count > 1:
+            listeners.append(await fleet.serve(app[METRICS]))
+            app[METRICS].others = fleet.others_series
+        protocol = connections.capped(server, cap)
+
+        def held() -> int:
+            return len(server.connections)
+
+        for sock in sockets:
+            listeners.append(InTurn(sock, protocol, fleet.board, fleet.number, held))
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        urls = ", ".join(
-            _url(sock.getsockname()) for listener in listeners for sock in listener.sockets
-        )
-        print(f"asgilook-aiohttp listening on {urls}", flush=True)
-        systemd.notify("READY=1", f"STATUS=serving on {urls}")
-        if (interval := systemd.watchdog_interval()) is not None:
-            watchdog = asyncio.create_task(systemd.keep_alive(interval))
+        tell("ready")
         await stop.wait()
-
-        in_flight = app[IN_FLIGHT]
-        systemd.notify("STOPPING=1", f"STATUS=stopping: finishing {in_flight.count} requests")
-        await _drain(runner, listeners, in_flight, config.shutdown_timeout)
+        await _drain(runner, listeners, app[IN_FLIGHT], config.shutdown_timeout)
     finally:
         for listener in listeners:
             listener.close()
         await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
         converter.stop_helper_processes()
-        if watchdog is not None:
-            watchdog.cancel()
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+
+
+async def _beat(tell: Tell, interval: float) -> None:
+    """Tell the main process, for as long as the event loop gets round to it, that this
+    process is alive."""
+    while True:
+        tell("alive")
+        await asyncio.sleep(interval)
 
 
 async def _drain(
-    runner: web.AppRunner, listeners: list[asyncio.Server], in_flight: InFlight, grace: float
+    runner: web.AppRunner,
+    listeners: list[asyncio.Server | InTurn],
+    in_flight: InFlight,
+    grace: float,
 ) -> None:
     """Stop accepting, then give requests in progress ``grace`` seconds in all to end."""
     loop = asyncio.get_running_loop()

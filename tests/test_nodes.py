@@ -55,7 +55,9 @@ Response = tuple[int, CIMultiDictProxy[str], bytes]
 
 class Nodes:
     """Server processes on the test's library, each with a scratch directory and a log
-    file of its own."""
+    file of its own. Each node serves with one HTTP process, so that what it journals
+    has one owner; several HTTP processes of one server are nodes to each other
+    (test_processes.py)."""
 
     def __init__(self, library: Library, directory: Path) -> None:
         self._library = library
@@ -70,6 +72,8 @@ class Nodes:
             return await start_server(
                 self._directory / name,
                 *self._library.flags(),
+                "--http-processes",
+                "1",
                 *flags,
                 env=self._library.env(),
                 stderr=log.fileno(),

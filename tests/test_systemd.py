@@ -67,12 +67,12 @@ def accepts(url: str) -> bool:
 
 async def test_ready_watchdog_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
     env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"}
-    server = await start_server(tmp_path / "storage", env=env)
+    server = await start_server(tmp_path / "storage", "--http-processes", "2", env=env)
     before_ready = await notify_socket.until("READY=1")
     # READY=1 comes only once the socket accepts connections.
     assert accepts(server.url)
     assert any(line.startswith("STATUS=starting") for message in before_ready for line in message)
-    assert any(f"STATUS=serving on {server.url}" in message for message in before_ready)
+    assert f"STATUS=serving on {server.url} with 2 HTTP processes" in before_ready[-1]
     # The watchdog is pinged every half WATCHDOG_USEC (0.1 s here).
     pings = 0
     while pings < 3:

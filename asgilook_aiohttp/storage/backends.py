@@ -7,6 +7,7 @@ come with the ``scale`` extra, imported only when it is chosen.
 from __future__ import annotations
 
 import urllib.parse
+from pathlib import Path
 
 from ..config import Config
 from .files import LocalBlobs
@@ -15,16 +16,25 @@ from .scratch import Scratch
 from .sqlite import SqliteIndex
 
 INDEX_FILE = "index.sqlite3"
-# Beside the index, whose writes it keeps room for.
+# Beside the index, whose writes it keeps room for; one for each HTTP process.
 RESERVE_FILE = f"{INDEX_FILE}-reserve"
+
+
+def reserve_file(http_process: int) -> str:
+    return RESERVE_FILE if http_process == 0 else f"{RESERVE_FILE}-{http_process}"
 
 
 def backends(config: Config, scratch: Scratch) -> tuple[Index, Blobs]:
     """The index and the blob store ``config`` names; SystemExit if the shared pair is
     asked for and its libraries are not installed."""
     if not config.shared_storage:
+        if config.http_process == 0:  # the first to start: the others wait for it
+            _remove_unused_reserves(config.storage_path, config.http_processes)
         return (
-            SqliteIndex(config.storage_path / INDEX_FILE, config.storage_path / RESERVE_FILE),
+            SqliteIndex(
+                config.storage_path / INDEX_FILE,
+                config.storage_path / reserve_file(config.http_process),
+            ),
             LocalBlobs(config.storage_path, scratch),
         )
     try:
@@ -50,6 +60,14 @@ def backends(config: Config, scratch: Scratch) -> tuple[Index, Blobs]:
             timeout=config.dependency_timeout,
         ),
     )
+
+
+def _remove_unused_reserves(storage: Path, http_processes: int) -> None:
+    """Those of HTTP processes that a server with more of them had."""
+    for path in storage.glob(f"{RESERVE_FILE}-*"):
+        number = path.name.removeprefix(f"{RESERVE_FILE}-")
+        if number.isdigit() and int(number) >= http_processes:
+            path.unlink(missing_ok=True)
 
 
 def _prefix(path: str) -> str:

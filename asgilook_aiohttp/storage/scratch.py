@@ -1,7 +1,8 @@
-"""The node's own scratch directory, ``staging/`` under the storage path: upload bodies
-that did not fit in memory, and files on their way into local blob storage.
+"""The scratch directory, ``staging/`` under the storage path: upload bodies that did
+not fit in memory, and files on their way into local blob storage.
 
-Nothing in it outlives the process that wrote it: what a crash leaves is removed when
+Several processes of one server share it, each naming its files after its pid. Nothing
+in it outlives the process that wrote it: what one that is gone left is removed when
 the next one starts.
 """
 
@@ -20,18 +21,22 @@ from .durable import open_file, write_durably
 class Scratch:
     def __init__(self, storage_path: Path) -> None:
         self.directory = storage_path / "staging"
+        self._pid = os.getpid()
         self._run = uuid.uuid4().hex[:12]
         self._serial = itertools.count()
 
     def open(self) -> None:
-        """Create the directory and remove whatever an interrupted run left in it."""
+        """Create the directory and remove whatever processes that are gone left in it."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.iterdir():
-            leftover.unlink(missing_ok=True)
+        for entry in self.directory.iterdir():
+            owner, _, _ = entry.name.partition("-")
+            pid = int(owner) if owner.isdigit() else 0
+            if pid <= 0 or pid == self._pid or not _is_running(pid):
+                entry.unlink(missing_ok=True)
 
     def path(self, suffix: str) -> Path:
         # Unique within this process, and apart from any earlier run's (swept anyway).
-        return self.directory / f"{self._run}-{next(self._serial)}{suffix}"
+        return self.directory / f"{self._pid}-{self._run}-{next(self._serial)}{suffix}"
 
     async def stage(self, chunks: AsyncIterable[bytes]) -> tuple[Path, int]:
         """Write a stream to a new file as it arrives; return its path and size."""
@@ -65,3 +70,13 @@ class Scratch:
         except OSError:
             return False
         return True
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: not one of ours, but not ours to judge
+        return True
+    return True

@@ -32,6 +32,7 @@ from .ports import (
     LeaseLost,
     ThumbnailRecord,
     Totals,
+    Unavailable,
     UnknownCursor,
     thumbnail_key,
 )
@@ -109,6 +110,11 @@ _NOT_SHARED = (
 )
 
 
+def _is_locked(error: sqlite3.Error) -> bool:
+    primary = error.sqlite_errorcode & 0xFF  # without the extended code's detail
+    return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _lease_lost(key: str) -> LeaseLost:
     return LeaseLost(
         "this node's lease", f"the journal entry {key} is no longer this node's to finish"
@@ -164,6 +170,12 @@ class SqliteIndex:
         try:
             self._db, self._shared = self._connect(shared=True), True
         except sqlite3.Error as error:
+            if _is_locked(error):
+                # Another process of this server opened it on a full disk, which keeps
+                # it to itself until there is room again.
+                raise Unavailable(
+                    self.name, "the index is held by another process until the disk has room"
+                ) from None
             if not is_full(error):
                 raise
             self._db, self._shared = self._connect(shared=False), False

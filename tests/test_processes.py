@@ -1,0 +1,267 @@
+"""Every CPU serves HTTP: several HTTP processes under one main process, on the same
+sockets, behaving as one server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from asgilook_aiohttp.config import Config, MiB
+from asgilook_aiohttp.storage.backends import RESERVE_FILE
+from asgilook_aiohttp.storage.scratch import Scratch
+
+import samples
+from checks import process_exists, scrape, until, until_metric, value
+from serving import (
+    Server,
+    children_of,
+    descendants_of,
+    processes_in_group,
+    running,
+    start_server,
+)
+
+PNG = samples.encode(samples.two_tone((640, 480)), "PNG")
+
+
+def held_connections(pid: int, port: int) -> int:
+    """Open TCP connections to ``port`` whose server side the process ``pid`` holds."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            established.add(fields[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if (found := re.fullmatch(r"socket:\[(\d+)\]", target)) and found[1] in established:
+            held += 1
+    return held
+
+
+async def own_series(server: Server, number: int) -> dict[tuple[str, str], float]:
+    """What HTTP process ``number`` reports of itself alone, by series name and route."""
+    address = f"\0asgilook-aiohttp/{server.process.pid}/{number}/metrics"
+    reader, writer = await asyncio.open_unix_connection(address)
+    text = (await reader.read()).decode()
+    writer.close()
+    return {
+        (sample.name, sample.labels.get("route", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("status", "200") == "200"
+    }
+
+
+def workers_of(server: Server) -> list[int]:
+    """The conversion workers: the processes the HTTP processes' fork servers started."""
+    return [
+        pid
+        for forkserver in descendants_of(server.process.pid)
+        if b"forkserver" in Path(f"/proc/{forkserver}/cmdline").read_bytes()
+        for pid in children_of(forkserver)
+    ]
+
+
+async def test_connections_are_shared_out_and_every_process_serves(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(tmp_path / "storage", "--http-processes", "2")
+    port = int(server.url.rsplit(":", 1)[1])
+    http_processes = children_of(server.process.pid)
+    assert len(http_processes) == 2
+
+    async def keep_alive() -> asyncio.StreamWriter:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+        return writer
+
+    # Opened at once, as a load balancer or a benchmark opens its pool.
+    writers = await asyncio.gather(*(keep_alive() for _ in range(16)))
+    held = [held_connections(pid, port) for pid in http_processes]
+    for writer in writers:
+        writer.close()
+    assert sum(held) == 16
+    assert min(held) >= 4, held
+
+    # Each answered its share, and /metrics, from whichever process, counts them all.
+    answered = [await own_series(server, number) for number in range(2)]
+    healthz = [series.get(("asgilook_http_requests_total", "/healthz"), 0) for series in answered]
+    assert min(healthz) >= 4, healthz
+    assert sum(healthz) == 16
+    for _ in range(4):
+        metrics = await scrape((session, server.url))
+        assert value(metrics, "asgilook_http_processes") == 2
+        requests = value(
+            metrics, "asgilook_http_requests_total", route="/healthz", method="GET", status="200"
+        )
+        assert requests == 16
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_what_every_process_sees_alike_is_reported_once(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(tmp_path / "storage", "--http-processes", "2")
+    for _ in range(3):
+        async with session.post(f"{server.url}/images", data=PNG) as response:
+            assert response.status == 201
+    metrics = await until_metric((session, server.url), "asgilook_images_stored", lambda n: n == 3)
+    uploads = value(metrics, "asgilook_conversions_total", job="convert_upload", outcome="ok")
+    assert uploads == 3
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_a_thumbnail_first_asked_of_every_process_at_once_is_made_once(
+    tmp_path: Path,
+) -> None:
+    server = await start_server(tmp_path / "storage", "--http-processes", "2")
+    # A new connection for each request, so that both processes get some.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        async with fresh.post(f"{server.url}/images", data=PNG) as response:
+            image = await response.json()
+        path = image["thumbnails"][0]
+
+        async def get() -> bytes:
+            async with fresh.get(f"{server.url}{path}") as response:
+                assert response.status == 200
+                return await response.read()
+
+        bodies = await asyncio.gather(*(get() for _ in range(16)))
+        assert len(set(bodies)) == 1
+        assert samples.decode(bodies[0]).size == (320, 240)
+        metrics = await scrape((fresh, server.url))
+    made = value(metrics, "asgilook_conversions_total", job="make_thumbnail", outcome="ok")
+    assert made == 1
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+async def test_a_killed_http_process_is_replaced_and_the_others_serve_meanwhile(
+    tmp_path: Path,
+) -> None:
+    server = await start_server(
+        tmp_path / "storage", "--http-processes", "2", stderr=asyncio.subprocess.PIPE
+    )
+    victim, survivor = children_of(server.process.pid)
+    victims_workers = descendants_of(victim)
+    assert victims_workers
+    os.kill(victim, signal.SIGKILL)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(10):  # while it is gone and being replaced
+            async with fresh.get(f"{server.url}/healthz") as response:
+                assert response.status == 200
+        await until(lambda: len(children_of(server.process.pid)) == 2)
+        replacement = (set(children_of(server.process.pid)) - {survivor}).pop()
+        assert replacement != victim
+        await until_metric((fresh, server.url), "asgilook_http_processes", lambda n: n == 2)
+        async with fresh.post(f"{server.url}/images", data=PNG) as response:
+            assert response.status == 201
+    await until(lambda: not any(process_exists(pid) for pid in victims_workers))
+
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+    assert processes_in_group(server.process.pid) == []
+    assert server.process.stderr is not None
+    log = (await server.process.stderr.read()).decode()
+    assert re.search(
+        rf"ERROR .* HTTP process [01] \(pid {victim}\) was killed by signal 9; "
+        r"starting another in 0\.5 s",
+        log,
+    ), log
+
+
+async def test_an_http_process_that_stops_answering_is_killed_and_replaced(
+    tmp_path: Path,
+) -> None:
+    # A watchdog of 2 s: the main process hears from each HTTP process every 0.5 s.
+    server = await start_server(
+        tmp_path / "storage",
+        "--http-processes",
+        "2",
+        env={"WATCHDOG_USEC": "2000000"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stuck, _ = children_of(server.process.pid)
+    os.kill(stuck, signal.SIGSTOP)  # as an event loop that never comes round again
+    await until(lambda: not process_exists(stuck), seconds=10)
+    await until(lambda: len(children_of(server.process.pid)) == 2)
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+    assert server.process.stderr is not None
+    log = (await server.process.stderr.read()).decode()
+    assert re.search(rf"HTTP process [01] \(pid {stuck}\) has not answered for \d+ s", log), log
+
+
+@pytest.mark.parametrize(("workers", "expected"), [("2", 2), ("3", 3), ("1", 2)])
+async def test_conversion_workers_are_shared_out_not_multiplied(
+    tmp_path: Path, workers: str, expected: int
+) -> None:
+    server = await start_server(tmp_path / "storage", "--http-processes", "2", "--workers", workers)
+    await until(lambda: len(workers_of(server)) == expected)
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+
+
+def test_each_process_gets_its_share_of_what_the_whole_server_may_use() -> None:
+    config = Config(
+        Path("storage"),
+        http_processes=3,
+        workers=4,
+        queue_size=32,
+        upload_memory_mb=128,
+        upload_disk_mb=256,
+        max_connections=4096,
+    )
+    shares = [config.for_http_process(number) for number in range(3)]
+    assert [share.http_process for share in shares] == [0, 1, 2]
+    assert [share.workers for share in shares] == [2, 1, 1]
+    assert sum(share.queue_size for share in shares) == 32
+    assert sum(share.upload_memory_mb for share in shares) == 128
+    assert sum(share.upload_disk_mb for share in shares) == 256
+    assert sum(share.max_connections for share in shares) == 4096
+    # Fewer workers than processes: each still converts.
+    fewer = Config(Path("storage"), http_processes=2, workers=1)
+    assert [fewer.for_http_process(number).workers for number in (0, 1)] == [1, 1]
+
+
+async def test_each_process_has_its_own_reserve_and_a_smaller_server_removes_the_rest(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    async with running(storage, "--http-processes", "3"):
+        reserves = sorted(path.name for path in storage.glob(f"{RESERVE_FILE}*"))
+        assert reserves == [RESERVE_FILE, f"{RESERVE_FILE}-1", f"{RESERVE_FILE}-2"]
+        assert all((storage / name).stat().st_size == MiB for name in reserves)
+    async with running(storage, "--http-processes", "2"):
+        reserves = sorted(path.name for path in storage.glob(f"{RESERVE_FILE}*"))
+        assert reserves == [RESERVE_FILE, f"{RESERVE_FILE}-1"]
+
+
+def test_a_process_starting_removes_what_processes_that_are_gone_left_in_staging(
+    tmp_path: Path,
+) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    gone = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, check=True)
+    dead_pid = int(gone.stdout)
+    left = [f"{dead_pid}-0123456789ab-0.upload", "0123456789ab-7.jpeg"]  # the latter: before pids
+    alive = f"{os.getppid()}-0123456789ab-0.upload"  # a process still running: not ours to judge
+    for name in (*left, alive):
+        (staging / name).write_bytes(b"half")
+    Scratch(tmp_path).open()
+    assert [path.name for path in staging.iterdir()] == [alive]
