@@ -3,10 +3,11 @@
 Every process waiting on a shared socket is woken for each new connection, and the one
 that gets there first takes it, and asyncio then takes every other one waiting: a burst
 of new connections tends to land on one process while the others idle. Here each
-process writes how many connections it holds on a board in memory they all share, and
-one that holds more than one connection beyond the least loaded other lets that one
-take the next. A process that lets connections pass for longer than ``_LONGEST_WAIT``
-takes them anyway: the others may be too busy to.
+process counts the connections it has taken on a board in memory they all share, and
+one that has taken more than one beyond the process that has taken fewest lets that one
+take the next, so that new connections go round the processes in turn. Should that one
+not even look for a connection within ``_LONGEST_WAIT`` (its event loop stuck), the
+others take them, and wait for it no more until it looks.
 """
 
 from __future__ import annotations
@@ -21,40 +22,59 @@ _log = logging.getLogger(__name__)
 
 _ABSENT = -1
 _RECHECK_SECONDS = 0.001
-_LONGEST_WAIT = 0.01
+# Longer than a busy process may go unscheduled on a machine whose CPUs are all in use.
+_LONGEST_WAIT = 0.05
 # As asyncio does when the process is out of descriptors or memory: try again later.
 _PAUSE_AFTER_ERROR = 1.0
 
 
 class Board:
-    """How many connections each HTTP process holds, in shared memory; made before the
-    processes are forked, so that all of them see the same."""
+    """How many connections each HTTP process has taken, and how many times it has
+    looked for one, in shared memory: made before the processes are forked, so that all
+    of them see the same. Only a process itself writes its own counts."""
 
     def __init__(self, count: int) -> None:
-        self._memory = mmap.mmap(-1, 8 * count)
-        self._counts = memoryview(self._memory).cast("q")
+        self._memory = mmap.mmap(-1, 16 * count)
+        self._slots = memoryview(self._memory).cast("q")
         for number in range(count):
-            self._counts[number] = _ABSENT
+            self.gone(number)
 
-    def holds(self, number: int, connections: int) -> None:
-        self._counts[number] = connections
+    def join(self, number: int) -> None:
+        """Count process ``number`` in, as though it had taken as many connections as
+        the busiest other: new connections are for those that have had the fewest since."""
+        self._slots[2 * number] = max(
+            (taken for taken, _ in self._others(number).values()), default=0
+        )
 
     def gone(self, number: int) -> None:
-        self._counts[number] = _ABSENT
+        self._slots[2 * number] = _ABSENT
 
-    def fewest_elsewhere(self, number: int) -> int | None:
-        """The fewest connections another running process holds; None if none runs."""
-        others = [
-            count
-            for other, count in enumerate(self._counts)
-            if other != number and count != _ABSENT
-        ]
-        return min(others, default=None)
+    def looks(self, number: int) -> None:
+        self._slots[2 * number + 1] += 1
+
+    def took(self, number: int) -> None:
+        self._slots[2 * number] += 1
+
+    def taken(self, number: int) -> int:
+        return self._slots[2 * number]
+
+    def fewest_taken_elsewhere(self, number: int) -> tuple[int, int] | None:
+        """Of the other running processes, the one that has taken the fewest
+        connections: how many, and how many times it has looked; None if no other runs."""
+        others = self._others(number)
+        return min(others.values()) if others else None
+
+    def _others(self, number: int) -> dict[int, tuple[int, int]]:
+        return {
+            other: (self._slots[2 * other], self._slots[2 * other + 1])
+            for other in range(len(self._slots) // 2)
+            if other != number and self._slots[2 * other] != _ABSENT
+        }
 
 
 class InTurn:
     """Accepts connections on ``sock`` for ``protocol``, in turn with the other processes
-    on ``board``; ``held`` counts the connections this process holds."""
+    on ``board``."""
 
     def __init__(
         self,
@@ -62,19 +82,20 @@ class InTurn:
         protocol: Callable[[], asyncio.BaseProtocol],
         board: Board,
         number: int,
-        held: Callable[[], int],
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._protocol = protocol
         self._board = board
         self._number = number
-        self._held = held
         self._connecting: set[asyncio.Task[object]] = set()
         self._waiting_since: float | None = None
+        self._looked = 0
+        self._unresponsive_at: int | None = None
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
         sock.setblocking(False)
+        board.join(number)
         self._listen()
 
     def _listen(self) -> None:
@@ -87,16 +108,10 @@ class InTurn:
         self._resume = self._loop.call_later(seconds, self._listen)
 
     def _take_one(self) -> None:
-        holding = self._held() + len(self._connecting)
-        self._board.holds(self._number, holding)
-        fewest = self._board.fewest_elsewhere(self._number)
-        now = self._loop.time()
-        if fewest is not None and holding > fewest + 1:
-            self._waiting_since = self._waiting_since or now
-            if now - self._waiting_since < _LONGEST_WAIT:
-                self._pause(_RECHECK_SECONDS)
-                return
-        self._waiting_since = None
+        self._board.looks(self._number)
+        if self._leaves_it():
+            self._pause(_RECHECK_SECONDS)
+            return
         try:
             connection, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -106,10 +121,29 @@ class InTurn:
             self._pause(_PAUSE_AFTER_ERROR)
             return
         connection.setblocking(False)
-        self._board.holds(self._number, holding + 1)
+        self._board.took(self._number)
         connecting = self._loop.create_task(self._connect(connection))
         self._connecting.add(connecting)
         connecting.add_done_callback(self._connecting.discard)
+
+    def _leaves_it(self) -> bool:
+        """Whether to leave the next connection to the process that has taken fewest:
+        while it has taken more than one fewer, unless it has not looked for one for
+        ``_LONGEST_WAIT`` (then not until it looks again)."""
+        fewest = self._board.fewest_taken_elsewhere(self._number)
+        if fewest is None or self._board.taken(self._number) <= fewest[0] + 1:
+            self._waiting_since = None
+            return False
+        looked = fewest[1]
+        if looked == self._unresponsive_at:
+            return False
+        now = self._loop.time()
+        if self._waiting_since is None or looked != self._looked:
+            self._waiting_since, self._looked = now, looked
+        if now - self._waiting_since < _LONGEST_WAIT:
+            return True
+        self._waiting_since, self._unresponsive_at = None, looked
+        return False
 
     async def _connect(self, connection: socket.socket) -> None:
         try:

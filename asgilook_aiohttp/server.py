@@ -58,12 +58,8 @@ async def serve(
             listeners.append(await fleet.serve(app[METRICS]))
             app[METRICS].others = fleet.others_series
         protocol = connections.capped(server, cap)
-
-        def held() -> int:
-            return len(server.connections)
-
         for sock in sockets:
-            listeners.append(InTurn(sock, protocol, fleet.board, fleet.number, held))
+            listeners.append(InTurn(sock, protocol, fleet.board, fleet.number))
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

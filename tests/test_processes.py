@@ -7,7 +7,11 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -29,25 +33,8 @@ from serving import (
     start_server,
 )
 
+_REQUESTS = "asgilook_http_requests_total"
 PNG = samples.encode(samples.two_tone((640, 480)), "PNG")
-
-
-def held_connections(pid: int, port: int) -> int:
-    """Open TCP connections to ``port`` whose server side the process ``pid`` holds."""
-    established = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-            established.add(fields[9])
-    held = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if (found := re.fullmatch(r"socket:\[(\d+)\]", target)) and found[1] in established:
-            held += 1
-    return held
 
 
 async def own_series(server: Server, number: int) -> dict[tuple[str, str], float]:
@@ -74,42 +61,82 @@ def workers_of(server: Server) -> list[int]:
     ]
 
 
-async def test_connections_are_shared_out_and_every_process_serves(
-    tmp_path: Path, session: aiohttp.ClientSession
-) -> None:
-    server = await start_server(tmp_path / "storage", "--http-processes", "2")
-    port = int(server.url.rsplit(":", 1)[1])
-    http_processes = children_of(server.process.pid)
-    assert len(http_processes) == 2
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
-    async def keep_alive() -> asyncio.StreamWriter:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
-        return writer
 
-    # Opened at once, as a load balancer or a benchmark opens its pool.
-    writers = await asyncio.gather(*(keep_alive() for _ in range(16)))
-    held = [held_connections(pid, port) for pid in http_processes]
-    for writer in writers:
-        writer.close()
-    assert sum(held) == 16
-    assert min(held) >= 4, held
-
-    # Each answered its share, and /metrics, from whichever process, counts them all.
-    answered = [await own_series(server, number) for number in range(2)]
-    healthz = [series.get(("asgilook_http_requests_total", "/healthz"), 0) for series in answered]
-    assert min(healthz) >= 4, healthz
-    assert sum(healthz) == 16
-    for _ in range(4):
-        metrics = await scrape((session, server.url))
-        assert value(metrics, "asgilook_http_processes") == 2
-        requests = value(
-            metrics, "asgilook_http_requests_total", route="/healthz", method="GET", status="200"
-        )
-        assert requests == 16
+@asynccontextmanager
+async def listening_on(kind: str, storage: Path) -> AsyncIterator[tuple[Server, Opener]]:
+    """A server of two HTTP processes on a TCP socket it opens itself, on a Unix socket,
+    or on a socket passed as systemd passes them; and a way to connect to it."""
+    if kind == "unix":
+        path = storage.parent / "asgilook.sock"
+        server = await start_server(storage, "--http-processes", "2", "--unix", str(path))
+        yield server, partial(asyncio.open_unix_connection, str(path))
+    elif kind == "passed":
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            fd = listener.fileno()
+            prefix = f"exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$;"
+            server = await start_server(
+                storage, "--http-processes", "2", pass_fds=(fd,), shell_prefix=prefix
+            )
+        yield server, partial(asyncio.open_connection, *_address(server))
+    else:
+        server = await start_server(storage, "--http-processes", "2")
+        yield server, partial(asyncio.open_connection, *_address(server))
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
+
+
+def _address(server: Server) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix", "passed"])
+async def test_connections_are_shared_out_and_every_process_serves(
+    tmp_path: Path, kind: str
+) -> None:
+    async with listening_on(kind, tmp_path / "storage") as (server, connect):
+        assert len(children_of(server.process.pid)) == 2
+
+        async def keep_alive() -> asyncio.StreamWriter:
+            reader, writer = await connect()
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            return writer
+
+        # Opened at once, as a load balancer or a benchmark opens its pool, and held.
+        writers = await asyncio.gather(*(keep_alive() for _ in range(16)))
+        answered = [await own_series(server, number) for number in range(2)]
+        for writer in writers:
+            writer.close()
+        healthz = [
+            series.get(("asgilook_http_requests_total", "/healthz"), 0) for series in answered
+        ]
+        assert sum(healthz) == 16
+        assert min(healthz) >= 4, healthz
+
+        # /metrics, from whichever process answers, counts them all.
+        unix = "unix:" in server.url
+        connector = (  # a new connection for each scrape, to reach either process
+            aiohttp.UnixConnector(server.url[5:], force_close=True)
+            if unix
+            else aiohttp.TCPConnector(force_close=True)
+        )
+        base = "http://localhost" if unix else server.url
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(4):
+                metrics = await scrape((session, base))
+                assert value(metrics, "asgilook_http_processes") == 2
+                assert (
+                    sum(
+                        count
+                        for (name, labels), count in metrics.items()
+                        if name == "asgilook_http_requests_total"
+                        and ("route", "/healthz") in labels
+                    )
+                    == 16
+                )
 
 
 async def test_what_every_process_sees_alike_is_reported_once(
@@ -198,6 +225,10 @@ async def test_an_http_process_that_stops_answering_is_killed_and_replaced(
     )
     stuck, _ = children_of(server.process.pid)
     os.kill(stuck, signal.SIGSTOP)  # as an event loop that never comes round again
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(10):  # the other takes every new connection meanwhile
+            async with asyncio.timeout(1), fresh.get(f"{server.url}/healthz") as response:
+                assert response.status == 200
     await until(lambda: not process_exists(stuck), seconds=10)
     await until(lambda: len(children_of(server.process.pid)) == 2)
     server.signal(signal.SIGTERM)
@@ -265,3 +296,46 @@ def test_a_process_starting_removes_what_processes_that_are_gone_left_in_staging
         (staging / name).write_bytes(b"half")
     Scratch(tmp_path).open()
     assert [path.name for path in staging.iterdir()] == [alive]
+
+
+async def test_a_stop_signal_drains_every_http_process(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(storage, "--http-processes", "2", "--workers", "2")
+    bodies = [samples.encode(samples.photo((800, 600), seed), "PNG") for seed in range(4)]
+    signalled = asyncio.Event()
+
+    async def slow_body(data: bytes) -> AsyncIterator[bytes]:
+        yield data[:65536]
+        await signalled.wait()
+        yield data[65536:]
+
+    async def upload(data: bytes) -> str:
+        async with (
+            aiohttp.ClientSession() as own_connection,
+            own_connection.post(f"{server.url}/images", data=slow_body(data)) as response,
+        ):
+            assert response.status == 201
+            return str((await response.json())["id"])
+
+    uploads = [asyncio.create_task(upload(data)) for data in bodies]
+
+    async def each_holds_an_upload() -> bool:
+        held = [await own_series(server, number) for number in range(2)]
+        return all(series[("asgilook_upload_bytes_in_memory", "")] >= 65536 for series in held)
+
+    async with asyncio.timeout(30):
+        while not await each_holds_an_upload():  # noqa: ASYNC110 - state in other processes
+            await asyncio.sleep(0.01)
+    server.signal(signal.SIGTERM)
+    await server.until_not_listening()
+    signalled.set()
+    ids = await asyncio.gather(*uploads)
+    assert await server.exit_code() == 0
+    assert processes_in_group(server.process.pid) == []
+    assert list((storage / "staging").iterdir()) == []
+
+    async with running(storage) as restarted:
+        listed = await (await session.get(f"{restarted.url}/images")).json()
+    assert sorted(image["id"] for image in listed) == sorted(ids)
