@@ -282,7 +282,9 @@ async def test_start_on_a_full_disk_serves_reads_and_recovers_when_space_returns
     assert not (storage / f"{INDEX_FILE}-shm").exists()  # removed by the clean stop
     filler = fill(storage)
 
-    server = await start_server(storage, *flags)
+    # The first HTTP process opens the index alone, with no room to share it; the other
+    # cannot open it, and is started again until it can.
+    server = await start_server(storage, *flags, "--http-processes", "2")
     async with session.get(f"{server.url}/images") as response:
         assert [image["id"] for image in await response.json()] == [stored["id"]]
     async with session.get(f"{server.url}{stored['image']}") as response:
@@ -306,6 +308,7 @@ async def test_start_on_a_full_disk_serves_reads_and_recovers_when_space_returns
     assert (storage / RESERVE_FILE).stat().st_size == MiB
     async with session.post(f"{server.url}/images", data=samples.small_png()) as response:
         assert response.status == 201
+    await until_metric((session, server.url), "asgilook_http_processes", lambda n: n == 2)
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
 
