@@ -4,6 +4,7 @@ sockets, behaving as one server."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import signal
@@ -339,3 +340,36 @@ async def test_a_stop_signal_drains_every_http_process(
     async with running(storage) as restarted:
         listed = await (await session.get(f"{restarted.url}/images")).json()
     assert sorted(image["id"] for image in listed) == sorted(ids)
+
+
+async def test_the_thumbnail_budget_holds_for_all_processes_together(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    server = await start_server(
+        storage, "--http-processes", "2", "--thumbnail-budget-mb", "1", "--jpeg-quality", "95"
+    )
+    photo = samples.encode(samples.photo((2048, 1536)), "PNG")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        images = []
+        for _ in range(3):
+            async with fresh.post(f"{server.url}/images", data=io.BytesIO(photo)) as response:
+                images.append(await response.json())
+
+        async def get(path: str) -> None:
+            async with fresh.get(f"{server.url}{path}") as response:
+                assert response.status == 200
+
+        paths = [path for image in images for path in image["thumbnails"]]
+        await asyncio.gather(*(get(path) for path in paths))
+        kept = sum(path.stat().st_size for path in (storage / "thumbnails").rglob("*.jpeg"))
+        largest = max(path.stat().st_size for path in (storage / "thumbnails").rglob("*.jpeg"))
+        made = value(
+            await scrape((fresh, server.url)),
+            "asgilook_conversions_total",
+            job="make_thumbnail",
+            outcome="ok",
+        )
+    assert made == len(paths)
+    # Each process may have one thumbnail of its own past the budget, about to be served.
+    assert kept <= MiB + 2 * largest
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
