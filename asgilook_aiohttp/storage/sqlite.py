@@ -242,7 +242,7 @@ class SqliteIndex:
         def journal(db: sqlite3.Connection) -> None:
             expires = time.time() + lease
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 db.executemany(
                     "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET expires = excluded.expires "
@@ -267,7 +267,7 @@ class SqliteIndex:
         def unjournal(db: sqlite3.Connection) -> None:
             unwritten = [key for key in keys if self._unwritten.get(key) == owner]
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 db.executemany(
                     "DELETE FROM pending WHERE id = ? AND owner = ?", [(key, owner) for key in keys]
                 )
@@ -295,7 +295,7 @@ class SqliteIndex:
             keys = [key for (key,) in expired if key not in self._unwritten][:limit]
             try:
                 with db:
-                    db.execute("BEGIN")
+                    db.execute("BEGIN IMMEDIATE")
                     db.executemany(
                         "UPDATE pending SET owner = ?, expires = ? WHERE id = ?",
                         [(owner, now + lease, key) for key in keys],
@@ -312,7 +312,7 @@ class SqliteIndex:
     async def add(self, record: ImageRecord, owner: str) -> None:
         def add(db: sqlite3.Connection) -> None:
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 held = db.execute(
                     "DELETE FROM pending WHERE id = ? AND owner = ?", (record.id, owner)
                 )
@@ -362,7 +362,7 @@ class SqliteIndex:
     ) -> Deleted | None:
         def delete(db: sqlite3.Connection) -> Deleted | None:
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 row = db.execute(
                     "SELECT bytes, seq FROM images WHERE id = ? "
                     "AND (? IS NULL OR delete_token_sha256 = ?)",
@@ -416,7 +416,7 @@ class SqliteIndex:
 
         def add(db: sqlite3.Connection) -> int | None:
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 # An image gone keeps the entry: its holder still has a blob to remove.
                 image = db.execute("SELECT 1 FROM images WHERE id = ?", (record.image_id,))
                 if image.fetchone() is None:
@@ -469,7 +469,7 @@ class SqliteIndex:
             freed = 0
             expires = time.time() + lease
             with db:
-                db.execute("BEGIN")
+                db.execute("BEGIN IMMEDIATE")
                 rows = db.execute(f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails ORDER BY last_used")
                 while freed < at_least and (row := rows.fetchone()) is not None:
                     candidate = ThumbnailRecord(*row)
