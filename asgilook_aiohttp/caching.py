@@ -207,6 +207,18 @@ class Pace:
         return max(self.window, nbytes / self.min_rate)
 
 
+# What a blob's answer says of the blob, and a problem's answer must not.
+_BLOB_HEADERS = (
+    hdrs.CONTENT_TYPE,
+    hdrs.CONTENT_LENGTH,
+    hdrs.ETAG,
+    hdrs.LAST_MODIFIED,
+    hdrs.CACHE_CONTROL,
+    hdrs.ACCEPT_RANGES,
+    hdrs.CONTENT_RANGE,
+)
+
+
 class _StoredBlob(web.StreamResponse):
     def __init__(
         self,
@@ -291,7 +303,8 @@ class _StoredBlob(web.StreamResponse):
     ) -> AbstractStreamWriter | None:
         answer = problem.response()
         self.set_status(answer.status)
-        self.headers.clear()
+        for name in _BLOB_HEADERS:
+            self.headers.pop(name, None)
         self.headers.update(answer.headers)
         assert isinstance(answer.body, bytes)
         self.content_length = len(answer.body)

@@ -350,9 +350,12 @@ async def test_an_image_deleted_as_its_download_starts_is_a_404_problem(
     assert status == 404
     assert headers["content-type"].startswith("application/problem+json")
     assert image["id"] in body.decode()
+    assert "etag" not in headers
+    assert len(headers["x-request-id"]) == 32
     status, headers, _ = await connection.response(to_head=True)
     assert status == 404
     assert headers["content-type"].startswith("application/problem+json")
+    assert "x-request-id" in headers
     status, _, body = await connection.response()  # the HEAD's answer had no body
     assert (status, body) == (200, b'{"status": "alive"}')
 
