@@ -467,8 +467,9 @@ _SETTINGS = (
         "dependency_timeout",
         "--dependency-timeout",
         _positive_float,
-        "seconds any one call to PostgreSQL or the object store may take; then the request "
-        "gets 503 (default 5)",
+        "seconds any one call to PostgreSQL or the object store may take, and a write to "
+        "the SQLite index may wait for another process's; then the request gets 503 "
+        "(default 5)",
     ),
     _Setting(
         "lease_seconds",

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,11 +21,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from asgilook_aiohttp.config import Config, MiB
-from asgilook_aiohttp.storage.backends import RESERVE_FILE
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
 from asgilook_aiohttp.storage.scratch import Scratch
 
 import samples
-from checks import process_exists, scrape, until, until_metric, value
+from checks import (
+    ClientFactory,
+    assert_problem,
+    bearer,
+    process_exists,
+    scrape,
+    until,
+    until_metric,
+    value,
+)
 from serving import (
     Server,
     children_of,
@@ -373,3 +383,24 @@ async def test_the_thumbnail_budget_holds_for_all_processes_together(tmp_path: P
     assert kept <= MiB + 2 * largest
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
+
+
+async def test_a_write_that_another_process_keeps_waiting_gets_503_not_500(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(dependency_timeout=0.2)
+    response = await client.post("/images", data=PNG)
+    assert response.status == 201
+    image = await response.json()
+    with sqlite3.connect(storage / INDEX_FILE, isolation_level=None) as other:
+        other.execute("BEGIN IMMEDIATE")  # as another process's long write
+        response = await client.post("/images", data=PNG)
+        await assert_problem(response, 503, "dependency-unavailable")
+        assert response.headers["Retry-After"] == "5"
+        deleting = await client.delete(image["image"][:-5], headers=bearer(image["delete_token"]))
+        await assert_problem(deleting, 503, "dependency-unavailable")
+        other.execute("COMMIT")
+    listed = await (await client.get("/images")).json()
+    assert [listed_image["id"] for listed_image in listed] == [image["id"]]
+    deleting = await client.delete(image["image"][:-5], headers=bearer(image["delete_token"]))
+    assert deleting.status == 204

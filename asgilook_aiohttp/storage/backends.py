@@ -34,6 +34,7 @@ def backends(config: Config, scratch: Scratch) -> tuple[Index, Blobs]:
             SqliteIndex(
                 config.storage_path / INDEX_FILE,
                 config.storage_path / reserve_file(config.http_process),
+                timeout=config.dependency_timeout,
             ),
             LocalBlobs(config.storage_path, scratch),
         )

@@ -124,8 +124,10 @@ def _lease_lost(key: str) -> LeaseLost:
 class SqliteIndex:
     name = "SQLite"
 
-    def __init__(self, path: Path, reserve_path: Path) -> None:
+    def __init__(self, path: Path, reserve_path: Path, *, timeout: float = 5.0) -> None:
+        """``timeout``: how long a write waits for another process's to end."""
         self._path = path
+        self._timeout = timeout
         self._reserve = Reserve(reserve_path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._db: sqlite3.Connection | None = None
@@ -141,7 +143,14 @@ class SqliteIndex:
     def _with_db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Call ``fn`` with the connection, from the index's own thread."""
         assert self._db is not None
-        return fn(self._db)
+        try:
+            return fn(self._db)
+        except sqlite3.OperationalError as error:
+            if not _is_locked(error):
+                raise
+            raise Unavailable(
+                self.name, f"another process kept the index locked for over {self._timeout:g} s"
+            ) from None
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(lambda: self._with_db(fn))
@@ -191,7 +200,7 @@ class SqliteIndex:
             self._db, self._shared = self._connect(shared=False), False
 
     def _connect(self, *, shared: bool) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None)
+        db = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
         try:
             if not shared:
                 db.execute("PRAGMA locking_mode=EXCLUSIVE")
