@@ -1,17 +1,18 @@
-"""The SQLite index on its own: pages by key lookups, an index of an earlier release
-upgraded in place, and a full disk, on which deleting and opening still work."""
+"""The SQLite index on its own: pages by key lookups, lookups by id on the event loop, an
+index of an earlier release upgraded in place, and a full disk, on which deleting and
+opening still work."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from asgilook_aiohttp.space import Reserve, is_full
-from asgilook_aiohttp.storage.ports import ImageRecord, Totals
+from asgilook_aiohttp.storage.ports import ImageRecord, ThumbnailRecord, Totals, thumbnail_key
 from asgilook_aiohttp.storage.sqlite import CURSOR_QUERY, PAGE_QUERY, SqliteIndex
 
 import disks
@@ -48,6 +49,35 @@ async def test_page_queries_search_by_key_at_any_depth(tmp_path: Path) -> None:
     assert len(searches) == 2  # images and tombstones, each by its key
     assert all(step.startswith("SEARCH") and "(id=?)" in step for step in searches)
     assert page_plan == ["SEARCH images USING INTEGER PRIMARY KEY (rowid>?)"]
+
+
+async def no_thread(fn: Callable[[], object]) -> object:
+    raise AssertionError("the index's thread was asked")
+
+
+async def test_lookups_by_id_are_answered_on_the_loop_and_see_every_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = open_index(tmp_path)
+    await index.open()
+    try:
+        record = image(1)
+        await store(index, record)
+        kept = ThumbnailRecord(record.id, 10, 10, 100, "1" * 64, 5)
+        await index.journal([thumbnail_key(record.id, 10, 10)], OWNER, LEASE)
+        await index.add_thumbnail(kept, OWNER)
+        with monkeypatch.context() as patched:
+            patched.setattr(index, "_run", no_thread)
+            assert await index.get(record.id) == record
+            assert await index.image_and_thumbnail(record.id, 10, 10) == (record, kept)
+            assert await index.image_and_thumbnail(record.id, 20, 20) == (record, None)
+        await index.delete(record.id, None, OWNER, LEASE)
+        with monkeypatch.context() as patched:
+            patched.setattr(index, "_run", no_thread)
+            assert await index.get(record.id) is None
+            assert await index.image_and_thumbnail(record.id, 10, 10) == (None, None)
+    finally:
+        await index.close()
 
 
 # The index as the release before leases left it (schema version 3).
@@ -163,6 +193,9 @@ async def test_an_index_opened_on_a_full_disk_is_shared_once_there_is_room(disk:
         filler.unlink()
         await index.catch_up()
         assert await index.problem() is None
+        with pytest.MonkeyPatch.context() as patched:  # and it has room for a reader
+            patched.setattr(index, "_run", no_thread)
+            assert await index.get(record.id) == record
         with closing(sqlite3.connect(disk / "index.sqlite3")) as db:  # others may read it
             assert db.execute("SELECT count(*) FROM images").fetchone() == (1,)
         await store(index, image(2))

@@ -1,8 +1,11 @@
 """The index in one SQLite file beside the blobs: the embedded implementation of the port.
 
 SQLite runs in WAL mode with ``synchronous=FULL``, so a committed row survives a crash
-of the process or of the machine. All calls go through one thread, which owns the
-connection, so the event loop never waits on the disk. Pages are read by keyset
+of the process or of the machine. Writes and pages go through one thread, which owns the
+connection, so the event loop never waits on the disk for them. A lookup of one image by
+its id is answered on the event loop by a read-only connection of its own, which a writer
+never blocks (WAL), and which reads a few pages that serving keeps in the page cache: less
+work than the thread hop it would otherwise take. Pages are read by keyset
 (``seq > ?``), so a deep page costs the same as the first at any size of the index; one
 writer at a time means ``seq`` follows commit order. The totals are kept in a row of
 their own, written in the same transactions as the rows they count.
@@ -131,10 +134,13 @@ class SqliteIndex:
         self._reserve = Reserve(reserve_path)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        """Used on the event loop while the index is shared; None while it is not."""
         self._shared = True
-        # Entries taken over when the disk was too full to write it, and by whom. Only
-        # this process writes the index, so this holds them as a lease on disk would
-        # (there they stay expired) until a claim or a clearing is written.
+        # Entries taken over when the disk was too full to write it, and by whom: this
+        # holds them for this process as a lease on disk would (there they stay expired)
+        # until a claim or a clearing is written. Another process may take them too
+        # meanwhile; undoing what they name twice removes nothing more.
         self._unwritten: dict[str, str] = {}
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -155,6 +161,29 @@ class SqliteIndex:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(lambda: self._with_db(fn))
 
+    async def _look_up(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read of a few rows by key on the event loop, or through the index's
+        thread while there is no read connection or SQLite would make it wait."""
+        if self._reader is not None:
+            try:
+                return fn(self._reader)
+            except sqlite3.OperationalError as error:
+                if not _is_locked(error):  # by a process recovering the WAL, say
+                    raise
+        return await self._call(fn)
+
+    def _connect_reader(self) -> sqlite3.Connection | None:
+        """A read connection, if the index is shared: one held exclusively has no room
+        for another."""
+        if not self._shared:
+            return None
+        # It never waits for a lock: a lookup that would goes through the thread.
+        reader = sqlite3.connect(
+            self._path, isolation_level=None, timeout=0, check_same_thread=False
+        )
+        reader.execute("PRAGMA query_only=ON")
+        return reader
+
     def _with_reserve(self, write: Callable[[], T]) -> T:
         """Run a write that must not wait for room: on a full disk, give up the reserve
         for it and run it once more."""
@@ -169,11 +198,12 @@ class SqliteIndex:
         """Set the reserve aside and open the index; on a full disk, with the reserve's
         room if need be (an index that is new or must be upgraded needs some)."""
 
-        def open_() -> None:
+        def open_() -> sqlite3.Connection | None:
             self._reserve.take()
             self._with_reserve(self._open)
+            return self._connect_reader()
 
-        await self._run(open_)
+        self._reader = await self._run(open_)
 
     def _open(self) -> None:
         try:
@@ -224,6 +254,9 @@ class SqliteIndex:
         def close(db: sqlite3.Connection) -> None:
             db.close()
 
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._db is not None:
             await self._call(close)
             self._db = None
@@ -239,13 +272,20 @@ class SqliteIndex:
         return None if self._reserve.held else _RESERVE_IN_USE
 
     async def catch_up(self) -> None:
-        def catch_up() -> None:
-            if not self._shared:
-                with unless_full():
-                    self._share()
-            self._reserve.take()
+        wants_reader = self._reader is None
 
-        await self._run(catch_up)
+        def catch_up() -> sqlite3.Connection | None:
+            reader = None
+            with unless_full():
+                if not self._shared:
+                    self._share()
+                if wants_reader:
+                    reader = self._connect_reader()
+            self._reserve.take()
+            return reader
+
+        if (reader := await self._run(catch_up)) is not None:
+            self._reader = reader
 
     async def journal(self, keys: Collection[str], owner: str, lease: float) -> None:
         def journal(db: sqlite3.Connection) -> None:
@@ -296,15 +336,18 @@ class SqliteIndex:
     async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
         def take(db: sqlite3.Connection) -> list[str]:
             now = time.time()
-            expired = db.execute(
-                "SELECT id FROM pending WHERE expires < ? AND owner IS NOT ? "
-                "ORDER BY expires LIMIT ?",
-                (now, owner, limit + len(self._unwritten)),
-            )
-            keys = [key for (key,) in expired if key not in self._unwritten][:limit]
+            keys: list[str] = []
             try:
                 with db:
+                    # Found and taken in one transaction, so that no other process of
+                    # the server takes the same entries.
                     db.execute("BEGIN IMMEDIATE")
+                    expired = db.execute(
+                        "SELECT id FROM pending WHERE expires < ? AND owner IS NOT ? "
+                        "ORDER BY expires LIMIT ?",
+                        (now, owner, limit + len(self._unwritten)),
+                    )
+                    keys = [key for (key,) in expired if key not in self._unwritten][:limit]
                     db.executemany(
                         "UPDATE pending SET owner = ?, expires = ? WHERE id = ?",
                         [(owner, now + lease, key) for key in keys],
@@ -351,7 +394,7 @@ class SqliteIndex:
             row = db.execute(f"SELECT {_COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
             return ImageRecord(*row) if row else None
 
-        return await self._call(get)
+        return await self._look_up(get)
 
     async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
         def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
@@ -418,7 +461,7 @@ class SqliteIndex:
             kept = ThumbnailRecord(*thumbnail) if thumbnail[0] is not None else None
             return ImageRecord(*image), kept
 
-        return await self._call(lookup)
+        return await self._look_up(lookup)
 
     async def add_thumbnail(self, record: ThumbnailRecord, owner: str) -> int | None:
         key = thumbnail_key(record.image_id, record.width, record.height)
