@@ -260,17 +260,23 @@ async def test_expired_entries_are_taken_over_a_batch_at_a_time(index: Index) ->
     assert sorted(await index.take_expired(C, LEASE, 10)) == expired
 
 
-async def test_nodes_taking_over_at_once_never_take_the_same_entry(index: Index) -> None:
+async def test_nodes_taking_over_at_once_never_take_the_same_entry(
+    index: Index, open_index: OpenIndex
+) -> None:
     expired = [f"expired-{n:03d}" for n in range(300)]
     await index.journal(expired, A, EXPIRED)
+    # Each taker a node of its own: with SQLite, a process with its own connection.
+    takers = [await open_index() for _ in range(4)]
 
-    async def take_all(owner: str) -> list[str]:
+    async def take_all(taker: Index, owner: str) -> list[str]:
         taken: list[str] = []
-        while batch := await index.take_expired(owner, LEASE, 7):
+        while batch := await taker.take_expired(owner, LEASE, 7):
             taken += batch
         return taken
 
-    batches = await asyncio.gather(*(take_all(f"taker-{n}") for n in range(4)))
+    batches = await asyncio.gather(
+        *(take_all(taker, f"taker-{n}") for n, taker in enumerate(takers))
+    )
     everything = [key for batch in batches for key in batch]
     assert sorted(everything) == expired  # each once
 
