@@ -3,13 +3,15 @@
 Validators come from the bytes (a SHA-256 kept in the index) and the upload time, never
 from the file system, so every server holding a copy of the storage answers alike.
 Preconditions (RFC 9110 section 13) and range checks are decided here, before the blob
-store is asked for anything; the chosen bytes are sent from a local file with sendfile,
-or as they stream in from the object store.
+store is asked for anything; the chosen bytes are sent with their headers from memory
+(a small local file, read already), from a local file with sendfile, or as they stream
+in from the object store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -23,7 +25,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETAG_ANY
 
 from .errors import Problem, dependency_unavailable, not_found
-from .storage.ports import BlobMissing, Body, FileBody, StreamBody, Unavailable
+from .storage.ports import BlobMissing, Body, BytesBody, FileBody, StreamBody, Unavailable
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
@@ -43,6 +45,7 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
+@functools.lru_cache(maxsize=4096)
 def http_date(timestamp: int) -> str:
     """IMF-fixdate, as RFC 9110 wants, without email.utils' slower general path."""
     t = time.gmtime(timestamp)
@@ -220,6 +223,10 @@ _BLOB_HEADERS = (
 
 
 class _StoredBlob(web.StreamResponse):
+    # The headers go out with the first bytes of the body, in one write, as those of a
+    # web.Response do.
+    _send_headers_immediately = False
+
     def __init__(
         self,
         opener: Opener,
@@ -230,20 +237,22 @@ class _StoredBlob(web.StreamResponse):
         gone: str,
         pace: Pace,
     ) -> None:
-        super().__init__(status=200 if part is None else 206)
+        self._part = part or slice(0, size)
+        self._count = self._part.stop - self._part.start
+        headers = {
+            hdrs.CONTENT_TYPE: "image/jpeg",
+            hdrs.CONTENT_LENGTH: str(self._count),
+            hdrs.ETAG: f'"{found.etag}"',
+            hdrs.LAST_MODIFIED: http_date(found.last_modified),
+            hdrs.CACHE_CONTROL: IMMUTABLE,
+            hdrs.ACCEPT_RANGES: "bytes",
+        }
+        if part is not None:
+            headers[hdrs.CONTENT_RANGE] = f"bytes {part.start}-{part.stop - 1}/{size}"
+        super().__init__(status=200 if part is None else 206, headers=headers)
         self._opener = opener
         self._pace = pace
-        self._part = part or slice(0, size)
         self._gone = gone
-        self._count = self._part.stop - self._part.start
-        self.content_type = "image/jpeg"
-        self.content_length = self._count
-        self.etag = found.etag
-        self.last_modified = found.last_modified
-        self.headers[hdrs.CACHE_CONTROL] = IMMUTABLE
-        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
-        if part is not None:
-            self.headers[hdrs.CONTENT_RANGE] = f"bytes {part.start}-{part.stop - 1}/{size}"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         sending = request.method != hdrs.METH_HEAD and self._count > 0
@@ -264,13 +273,16 @@ class _StoredBlob(web.StreamResponse):
         try:
             writer = await super().prepare(request)
             if sending:
-                await self._send(request, body)
-                await self.write_eof()
+                assert writer is not None
+                await self._send(request, writer, body)
+            await self.write_eof()
             return writer
         finally:
             await body.close()
 
-    async def _send(self, request: web.BaseRequest, body: Body) -> None:
+    async def _send(
+        self, request: web.BaseRequest, writer: AbstractStreamWriter, body: Body
+    ) -> None:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the connection closed before the image was sent")
@@ -278,7 +290,10 @@ class _StoredBlob(web.StreamResponse):
             # A client that stops reading would otherwise hold its connection and the
             # open blob for as long as it likes.
             async with asyncio.timeout(self._pace.seconds_for(body.count)):
-                if isinstance(body, FileBody):
+                if isinstance(body, BytesBody):
+                    await self._write_all(transport, writer, body.data)
+                elif isinstance(body, FileBody):
+                    writer.send_headers()
                     await asyncio.get_running_loop().sendfile(
                         transport, body.file, body.offset, body.count
                     )
@@ -287,6 +302,18 @@ class _StoredBlob(web.StreamResponse):
         except TimeoutError:
             transport.abort()
             raise ConnectionResetError("the client did not read the image in time") from None
+
+    async def _write_all(
+        self, transport: asyncio.Transport, writer: AbstractStreamWriter, data: bytes | bytearray
+    ) -> None:
+        """Write the headers and ``data``, and wait until the socket has taken all of them,
+        so that none is left in memory for a client that does not read."""
+        transport.set_write_buffer_limits(high=0)
+        try:
+            await self.write(data)
+            await writer.drain()
+        finally:
+            transport.set_write_buffer_limits()
 
     async def _stream(self, transport: asyncio.Transport, body: StreamBody) -> None:
         try:
@@ -309,7 +336,5 @@ class _StoredBlob(web.StreamResponse):
         assert isinstance(answer.body, bytes)
         self.content_length = len(answer.body)
         writer = await super().prepare(request)
-        if request.method != hdrs.METH_HEAD:
-            await self.write(answer.body)
-        await self.write_eof()
+        await self.write_eof(answer.body if request.method != hdrs.METH_HEAD else b"")
         return writer

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from asgilook_aiohttp.storage import files
 from asgilook_aiohttp.storage.files import LocalBlobs, Placement
 from asgilook_aiohttp.storage.ports import (
     BlobMissing,
     Blobs,
     Body,
+    BytesBody,
     Destination,
     FileBody,
     HandBack,
@@ -119,6 +121,8 @@ async def store(blobs: Blobs, key: str, data: bytes) -> None:
 
 async def read(body: Body) -> bytes:
     try:
+        if isinstance(body, BytesBody):
+            return bytes(body.data)
         if isinstance(body, FileBody):
             body.file.seek(body.offset)
             return body.file.read(body.count)
@@ -324,6 +328,54 @@ async def test_an_unreadable_blob_is_not_missing(local: LocalBlobs, tmp_path: Pa
     (tmp_path / "images/5c/fd" / f"{IMAGE}.jpeg").mkdir(parents=True)
     with pytest.raises(IsADirectoryError):
         await local.body(image_key(IMAGE), 0, 10)
+
+
+async def test_small_bodies_are_read_and_large_ones_sent_from_the_file(local: LocalBlobs) -> None:
+    data = some_bytes(files.IN_MEMORY_BYTES + 1)
+    await store(local, image_key(IMAGE), data)
+    whole = await local.body(image_key(IMAGE), 0, len(data))
+    assert isinstance(whole, FileBody)
+    assert await read(whole) == data
+    part = await local.body(image_key(IMAGE), 1, files.IN_MEMORY_BYTES)
+    assert isinstance(part, BytesBody)
+    assert await read(part) == data[1:]
+
+
+async def test_a_cached_blob_is_read_on_the_loop(
+    local: LocalBlobs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = some_bytes(100_000)
+    await store(local, image_key(IMAGE), data)
+    await read(await local.body(image_key(IMAGE), 0, len(data)))  # its path looked up once
+
+    async def no_thread(path: str, offset: int, count: int) -> bytearray:
+        raise AssertionError(f"{path} was opened in a thread")
+
+    monkeypatch.setattr(files, "_open_off_the_loop", no_thread)
+    assert await read(await local.body(image_key(IMAGE), 0, len(data))) == data
+    assert await read(await local.body(image_key(IMAGE), 10, 20)) == data[10:30]
+
+
+@pytest.mark.parametrize("cached", ["nothing", "part of the bytes"])
+async def test_a_blob_the_kernel_has_not_cached_is_read_off_the_loop(
+    local: LocalBlobs, monkeypatch: pytest.MonkeyPatch, cached: str
+) -> None:
+    data = some_bytes(files.IN_MEMORY_BYTES + 1)
+    await store(local, image_key(IMAGE), data)
+    if cached == "nothing":
+        monkeypatch.setattr(files, "_open_cached", lambda path: None)
+    else:
+        read_cached = files._read_cached
+        monkeypatch.setattr(
+            files, "_read_cached", lambda fd, buffer, offset: read_cached(fd, buffer[:10], offset)
+        )
+    for offset, count in ((0, len(data)), (5, 100_000), (0, 0)):
+        assert (
+            await read(await local.body(image_key(IMAGE), offset, count))
+            == data[offset : offset + count]
+        )
+    with pytest.raises(BlobMissing):
+        await local.body(image_key(OTHER), 0, 10)
 
 
 @pytest.mark.parametrize(

@@ -224,7 +224,21 @@ class StreamBody:
         await self.release()
 
 
-Body = FileBody | StreamBody
+@dataclass(frozen=True)
+class BytesBody:
+    """Bytes read already, to send as they are."""
+
+    data: bytes | bytearray
+
+    @property
+    def count(self) -> int:
+        return len(self.data)
+
+    async def close(self) -> None:
+        pass
+
+
+Body = FileBody | StreamBody | BytesBody
 
 
 class Blobs(Protocol):
@@ -256,7 +270,7 @@ class Blobs(Protocol):
 
     async def body(self, key: str, offset: int, count: int) -> Body:
         """``count`` bytes of the blob from ``offset``, ready to send (count 0: only
-        that it exists). Raises ``BlobMissing``."""
+        that it exists), opened or read before this returns. Raises ``BlobMissing``."""
 
     async def delete(self, keys: Collection[str]) -> None:
         """Remove blobs; those already gone are no error."""
