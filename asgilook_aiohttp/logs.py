@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import sys
 import time
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,8 +31,13 @@ _ACCESS_FIELDS = ("remote", "method", "path", "status", "bytes", "duration_ms", 
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    supplied = request.headers.get(HEADER, "")
-    request_id = supplied if _SANE.fullmatch(supplied) else uuid.uuid4().hex
+    supplied = request.headers.get(HEADER)
+    if supplied is None or not _SANE.fullmatch(supplied):
+        # Unique, not secret: no need to ask the system for randomness each time (the
+        # generator is seeded afresh in a forked process).
+        request_id = f"{random.getrandbits(128):032x}"
+    else:
+        request_id = supplied
     _request_id.set(request_id)  # the handler runs in a task of its own: no reset needed
     try:
         response = await handler(request)
@@ -154,6 +159,10 @@ _MOST_KINDS = 1000
 
 def configure(log_format: str) -> None:
     """Send INFO and above to standard error, as text or as JSON lines."""
+    # Neither format shows the process, the thread or the calling line: a record need
+    # not find them out, which it would do for every access line.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ClientFaults())
     handler.addFilter(_Throttle())

@@ -18,7 +18,7 @@ import pytest
 from asgilook_aiohttp import systemd
 
 import samples
-from checks import image_object, until_metric
+from checks import Client, image_object, until_metric
 from serving import processes_in_group, running, start_server
 
 PNG = samples.encode(samples.two_tone((640, 360)), "PNG")
@@ -124,6 +124,17 @@ async def test_serves_on_a_unix_socket(tmp_path: Path) -> None:
             assert response.status == 200
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
+
+
+async def test_each_request_without_a_sane_id_gets_a_new_one(client: Client) -> None:
+    made = set()
+    for supplied in ({}, {}, {"X-Request-ID": "bad id"}):
+        response = await client.get("/healthz", headers=supplied)
+        made.add(response.headers["X-Request-ID"])
+    assert len(made) == 3
+    assert all(len(made_id) == 32 and int(made_id, 16) >= 0 for made_id in made)
+    kept = await client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert kept.headers["X-Request-ID"] == "trace-42"
 
 
 async def test_json_logs_carry_the_request_id(
