@@ -26,7 +26,8 @@ class InFlight:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self._count += 1
-        self._idle.clear()
+        if self._count == 1:
+            self._idle.clear()
         try:
             return await handler(request)
         finally:
