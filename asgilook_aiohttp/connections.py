@@ -49,9 +49,8 @@ def connection_options(config: Config) -> dict[str, Any]:
     }
 
 
-def connection_cap(wanted: int) -> int:
-    """Raise the open-file limit as far as it goes, and return how many connections fit
-    within it beside the descriptors the server needs otherwise."""
+def raise_open_file_limit() -> int:
+    """Raise the open-file limit as far as it goes; the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -59,6 +58,13 @@ def connection_cap(wanted: int) -> int:
             soft = hard
         except (ValueError, OSError):  # an unlimited hard limit is more than the kernel allows
             pass
+    return soft
+
+
+def connection_cap(wanted: int) -> int:
+    """Raise the open-file limit as far as it goes, and return how many connections fit
+    within it beside the descriptors the process needs otherwise."""
+    soft = raise_open_file_limit()
     # A connection may hold a second descriptor: the file it is being sent, or its upload's
     # staging file.
     fits = max(1, (soft - SPARE_DESCRIPTORS) // 2)

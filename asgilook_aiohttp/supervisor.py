@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Sequence
 from types import FrameType
 
-from . import listening, server, systemd
+from . import connections, listening, server, systemd
 from .accepting import Board
 from .config import Config
 from .fleet import Fleet
@@ -52,6 +52,7 @@ _LONGEST_HEARTBEAT = 1.0
 def run(config: Config) -> int:
     """Serve with ``config.http_processes`` HTTP processes until signalled; the exit
     status."""
+    connections.raise_open_file_limit()  # for the HTTP processes, which inherit it
     try:
         sockets = listening.open_sockets(config)
     except OSError as error:

@@ -118,7 +118,9 @@ async def test_a_stalled_upload_holds_the_stop_no_longer_than_the_shutdown_timeo
     tmp_path: Path, session: aiohttp.ClientSession, first_bytes: bytes
 ) -> None:
     storage = tmp_path / "storage"
-    server = await start_server(storage, "--shutdown-timeout", "3", "--upload-memory-mb", "1")
+    # 1 MiB of upload memory for each of the two HTTP processes.
+    flags = ("--shutdown-timeout", "3", "--http-processes", "2", "--upload-memory-mb", "2")
+    server = await start_server(storage, *flags)
 
     async def never_ending_body() -> AsyncIterator[bytes]:
         yield first_bytes
