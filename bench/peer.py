@@ -109,6 +109,13 @@ SPREAD_ATTEMPTS = 50 * CONCURRENCY
 # /proc/net/tcp's state of a listening socket.
 LISTEN = "0A"
 
+# Where each serves what: uploads, its health, an original (from "{id}") and a thumbnail
+# (from "{id}" and "{size}", WxH).
+ROUTES = {
+    OURS: ("/images", "/healthz", "/images/{id}.jpeg", "/thumbnails/{id}/{size}.jpeg"),
+    THUMBOR: ("/image", "/healthcheck", "/image/{id}", "/unsafe/{size}/{id}"),
+}
+
 T = TypeVar("T")
 
 
@@ -120,8 +127,8 @@ class Peer:
     server: Server
     upload_path: str
     health_path: str
-    original: str  # the path of a stored original, from "{id}"
-    thumbnail: str  # the path of a thumbnail, from "{id}" and "{size}" (WxH)
+    original: str
+    thumbnail: str
 
 
 def install_thumbor(venv: Path) -> Path:
@@ -551,24 +558,8 @@ async def main(arguments: argparse.Namespace) -> dict[str, Any]:
             running_ours(root, flags, Path(scratch) / "ours") as our_server,
             running_thumbor(command, Path(scratch) / "thumbor") as thumbor_server,
         ):
-            peers = [
-                Peer(
-                    name=OURS,
-                    server=our_server,
-                    upload_path="/images",
-                    health_path="/healthz",
-                    original="/images/{id}.jpeg",
-                    thumbnail="/thumbnails/{id}/{size}.jpeg",
-                ),
-                Peer(
-                    name=THUMBOR,
-                    server=thumbor_server,
-                    upload_path="/image",
-                    health_path="/healthcheck",
-                    original="/image/{id}",
-                    thumbnail="/unsafe/{size}/{id}",
-                ),
-            ]
+            servers = {OURS: our_server, THUMBOR: thumbor_server}
+            peers = [Peer(name, server, *ROUTES[name]) for name, server in servers.items()]
             await asyncio.sleep(SETTLE_SECONDS)
             report["idle_pss_mib_started"] = idle_pss_mib(peers)
             report.update(await prepare(peers, images))
