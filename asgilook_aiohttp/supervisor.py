@@ -92,6 +92,8 @@ class _Supervisor:
         self._selector = selectors.DefaultSelector()
         self._stop_requested = False
         self._ready_announced = False
+        self._wake = (-1, -1)
+        """The pipe signals wake the main process through."""
         self._watchdog = systemd.watchdog_interval()
         # The watchdog's own timeout is twice its interval.
         self._silence = 2 * self._watchdog if self._watchdog else None
@@ -99,7 +101,7 @@ class _Supervisor:
 
     def run(self) -> int:
         systemd.notify("STATUS=starting: opening the storage and the worker processes")
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_read, wake_write = self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(wake_read, selectors.EVENT_READ)
         previous = signal.set_wakeup_fd(wake_write)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -158,7 +160,11 @@ class _Supervisor:
             for number, due in list(self._restarts.items()):
                 if due <= now:
                     del self._restarts[number]
-                    self._start(number)
+                    try:
+                        self._start(number)
+                    except OSError as error:  # out of processes or memory, say
+                        _log.error("cannot start HTTP process %d: %s", number, error)
+                        self._restarts[number] = now + _LONGEST_PAUSE
             if self._watchdog is not None and now >= next_ping:
                 if self._all_heard_from(now):
                     systemd.notify("WATCHDOG=1")
@@ -288,6 +294,8 @@ class _Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
             self._selector.close()
+            for fd in self._wake:
+                os.close(fd)
             for process in self._processes.values():
                 os.close(process.exited)
                 os.close(process.channel)
