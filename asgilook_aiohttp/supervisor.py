@@ -301,6 +301,7 @@ class _Supervisor:
                 os.close(process.channel)
             for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                 os.environ.pop(name, None)  # systemd hears from the main process alone
+            _spare_workers_the_main_module()
             fleet = Fleet(parent, self._count, number, self._board)
             config = self._config.for_http_process(number)
             os.set_blocking(channel, False)
@@ -334,3 +335,14 @@ def _die_with(parent: int) -> None:
 
 def _how_it_ended(status: int) -> str:
     return f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+
+
+def _spare_workers_the_main_module() -> None:
+    """Keep multiprocessing from importing the program that started the server (the
+    console script, run.py) in each conversion worker, as it does for the functions a
+    program defines itself: the workers' functions live in the package, and importing
+    the program would import the whole server into every worker."""
+    main = sys.modules["__main__"]
+    main.__spec__ = None
+    with contextlib.suppress(AttributeError):
+        del main.__file__

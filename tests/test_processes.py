@@ -62,6 +62,10 @@ async def own_series(server: Server, number: int) -> dict[tuple[str, str], float
     }
 
 
+def mapped_files(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
 def workers_of(server: Server) -> list[int]:
     """The conversion workers: the processes the HTTP processes' fork servers started."""
     return [
@@ -404,3 +408,13 @@ async def test_a_write_that_another_process_keeps_waiting_gets_503_not_500(
     assert [listed_image["id"] for listed_image in listed] == [image["id"]]
     deleting = await client.delete(image["image"][:-5], headers=bearer(image["delete_token"]))
     assert deleting.status == 204
+
+
+async def test_conversion_workers_load_pillow_and_not_the_server(tmp_path: Path) -> None:
+    async with running(tmp_path / "storage", "--http-processes", "2", "--workers", "2") as server:
+        await until(lambda: len(workers_of(server)) == 2)
+        for worker in workers_of(server):
+            mapped = mapped_files(worker)
+            assert "/PIL/" in mapped
+            # The server's own modules, aiohttp's parser among them, stay in the server.
+            assert "/aiohttp/" not in mapped
