@@ -118,20 +118,19 @@ def proc_stat(pid: int) -> list[str]:
 
 
 def processes_in_group(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = proc_stat(int(entry.name))
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return _live_processes(_GROUP, pgid)
 
 
 def children_of(pid: int) -> list[int]:
     """The processes ``pid`` started that still run, by pid."""
+    return sorted(_live_processes(_PARENT, pid))
+
+
+_PARENT, _GROUP = 1, 2  # their places among proc_stat's fields
+
+
+def _live_processes(field: int, value: int) -> list[int]:
+    """The processes not yet exited whose ``field`` in proc_stat is ``value``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -139,9 +138,9 @@ def children_of(pid: int) -> list[int]:
                 fields = proc_stat(int(entry.name))
             except OSError:
                 continue
-            if int(fields[1]) == pid and fields[0] != "Z":
+            if int(fields[field]) == value and fields[0] != "Z":
                 found.append(int(entry.name))
-    return sorted(found)
+    return found
 
 
 def descendants_of(pid: int) -> list[int]:

@@ -157,23 +157,24 @@ async def test_connections_are_shared_out_and_every_process_serves(
 async def test_what_every_process_sees_alike_is_reported_once(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    server = await start_server(tmp_path / "storage", "--http-processes", "2")
-    for _ in range(3):
-        async with session.post(f"{server.url}/images", data=PNG) as response:
-            assert response.status == 201
-    metrics = await until_metric((session, server.url), "asgilook_images_stored", lambda n: n == 3)
+    async with running(tmp_path / "storage", "--http-processes", "2") as server:
+        for _ in range(3):
+            async with session.post(f"{server.url}/images", data=PNG) as response:
+                assert response.status == 201
+        stored = (session, server.url), "asgilook_images_stored", lambda n: n == 3
+        metrics = await until_metric(*stored)
     uploads = value(metrics, "asgilook_conversions_total", job="convert_upload", outcome="ok")
     assert uploads == 3
-    server.signal(signal.SIGTERM)
-    assert await server.exit_code() == 0
 
 
 async def test_a_thumbnail_first_asked_of_every_process_at_once_is_made_once(
     tmp_path: Path,
 ) -> None:
-    server = await start_server(tmp_path / "storage", "--http-processes", "2")
     # A new connection for each request, so that both processes get some.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+    async with (
+        running(tmp_path / "storage", "--http-processes", "2") as server,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh,
+    ):
         async with fresh.post(f"{server.url}/images", data=PNG) as response:
             image = await response.json()
         path = image["thumbnails"][0]
@@ -184,13 +185,11 @@ async def test_a_thumbnail_first_asked_of_every_process_at_once_is_made_once(
                 return await response.read()
 
         bodies = await asyncio.gather(*(get() for _ in range(16)))
-        assert len(set(bodies)) == 1
-        assert samples.decode(bodies[0]).size == (320, 240)
         metrics = await scrape((fresh, server.url))
+    assert len(set(bodies)) == 1
+    assert samples.decode(bodies[0]).size == (320, 240)
     made = value(metrics, "asgilook_conversions_total", job="make_thumbnail", outcome="ok")
     assert made == 1
-    server.signal(signal.SIGTERM)
-    assert await server.exit_code() == 0
 
 
 async def test_a_killed_http_process_is_replaced_and_the_others_serve_meanwhile(
@@ -257,10 +256,10 @@ async def test_an_http_process_that_stops_answering_is_killed_and_replaced(
 async def test_conversion_workers_are_shared_out_not_multiplied(
     tmp_path: Path, workers: str, expected: int
 ) -> None:
-    server = await start_server(tmp_path / "storage", "--http-processes", "2", "--workers", workers)
-    await until(lambda: len(workers_of(server)) == expected)
-    server.signal(signal.SIGTERM)
-    assert await server.exit_code() == 0
+    async with running(
+        tmp_path / "storage", "--http-processes", "2", "--workers", workers
+    ) as server:
+        await until(lambda: len(workers_of(server)) == expected)
 
 
 def test_each_process_gets_its_share_of_what_the_whole_server_may_use() -> None:
