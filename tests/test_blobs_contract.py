@@ -341,6 +341,21 @@ async def test_small_bodies_are_read_and_large_ones_sent_from_the_file(local: Lo
     assert await read(part) == data[1:]
 
 
+async def test_bodies_in_memory_hold_no_more_than_their_bound_at_once(tmp_path: Path) -> None:
+    scratch = Scratch(tmp_path)
+    scratch.open()
+    blobs = LocalBlobs(tmp_path, scratch, in_memory=250_000)
+    data = some_bytes(100_000)
+    await store(blobs, image_key(IMAGE), data)
+    held = [await blobs.body(image_key(IMAGE), 0, len(data)) for _ in range(3)]
+    # Two fit in the bound; the third, sent to a client as slow as the others, would not.
+    assert [type(body) for body in held] == [BytesBody, BytesBody, FileBody]
+    assert [await read(body) for body in held] == [data] * 3  # read() closes each
+    again = await blobs.body(image_key(IMAGE), 0, len(data))
+    assert isinstance(again, BytesBody)  # what the first ones held was let go
+    await again.close()
+
+
 async def test_a_cached_blob_is_read_on_the_loop(
     local: LocalBlobs, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,10 @@ from .scratch import Scratch
 IN_MEMORY_BYTES = 256 * 1024
 """Bodies up to this size are read into memory and written to the socket with their
 headers; larger ones are sent from the file with sendfile."""
+IN_MEMORY_TOTAL = 16 * 1024 * 1024
+"""What bodies read into memory may hold at once, in each process. Past it, small ones
+are sent with sendfile too: clients that stop reading must not pin the server's memory
+by the quarter megabyte, only its descriptors, which the connection limit bounds."""
 
 
 class Placement(NamedTuple):
@@ -52,11 +56,12 @@ class Placement(NamedTuple):
 class LocalBlobs:
     name = "the storage directory"
 
-    def __init__(self, root: Path, scratch: Scratch) -> None:
+    def __init__(self, root: Path, scratch: Scratch, *, in_memory: int = IN_MEMORY_TOTAL) -> None:
         # Paths are built as text: pathlib's joining cost more than opening the file.
         self._images = str(root / "images")
         self._thumbnails = str(root / "thumbnails")
         self._scratch = scratch
+        self._in_memory_room = in_memory
 
     async def open(self) -> None:
         await asyncio.to_thread(os.makedirs, self._images, exist_ok=True)
@@ -97,10 +102,11 @@ class LocalBlobs:
 
     async def body(self, key: str, offset: int, count: int) -> FileBody | BytesBody:
         path = self._path(key)
+        in_memory = count <= min(IN_MEMORY_BYTES, self._in_memory_room)
         fd = _open_cached(path)
         if fd is not None:
             try:
-                if count > IN_MEMORY_BYTES:
+                if not in_memory:
                     return FileBody(os.fdopen(fd, "rb"), offset, count)
                 data = bytearray(count)
                 complete = _read_cached(fd, data, offset) == count
@@ -109,14 +115,21 @@ class LocalBlobs:
                 raise
             os.close(fd)
             if complete:
-                return BytesBody(data)
+                return self._held(data)
         try:
-            opened = await _open_off_the_loop(path, offset, count)
+            opened = await _open_off_the_loop(path, offset, count if in_memory else None)
         except FileNotFoundError:
             raise BlobMissing(key) from None
         if isinstance(opened, bytearray):
-            return BytesBody(opened)
+            return self._held(opened)
         return FileBody(opened, offset, count)
+
+    def _held(self, data: bytearray) -> BytesBody:
+        self._in_memory_room -= len(data)
+        return BytesBody(data, self._let_go)
+
+    def _let_go(self, count: int) -> None:
+        self._in_memory_room += count
 
     async def delete(self, keys: Collection[str]) -> None:
         await asyncio.to_thread(self._delete, keys)
@@ -233,9 +246,9 @@ def _read(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _open_and_read(path: str, offset: int, count: int) -> BinaryIO | bytearray:
-    """The file opened or, if ``count`` is small, the bytes it asks for."""
-    if count > IN_MEMORY_BYTES:
+def _open_and_read(path: str, offset: int, count: int | None) -> BinaryIO | bytearray:
+    """The ``count`` bytes from ``offset``; or, with None, the file opened."""
+    if count is None:
         return open(path, "rb")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -246,7 +259,7 @@ def _open_and_read(path: str, offset: int, count: int) -> BinaryIO | bytearray:
     return data
 
 
-async def _open_off_the_loop(path: str, offset: int, count: int) -> BinaryIO | bytearray:
+async def _open_off_the_loop(path: str, offset: int, count: int | None) -> BinaryIO | bytearray:
     """``_open_and_read`` in a thread. If the caller is cancelled meanwhile, a file left
     open is closed once it is, instead of being left to the garbage collector."""
     opening = asyncio.get_running_loop().run_in_executor(None, _open_and_read, path, offset, count)

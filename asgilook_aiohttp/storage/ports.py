@@ -226,16 +226,18 @@ class StreamBody:
 
 @dataclass(frozen=True)
 class BytesBody:
-    """Bytes read already, to send as they are."""
+    """Bytes read already, to send as they are; ``let_go`` is told once they are sent."""
 
     data: bytes | bytearray
+    let_go: Callable[[int], None] | None = None
 
     @property
     def count(self) -> int:
         return len(self.data)
 
     async def close(self) -> None:
-        pass
+        if self.let_go is not None:
+            self.let_go(len(self.data))
 
 
 Body = FileBody | StreamBody | BytesBody
