@@ -75,13 +75,26 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return context
 
 
-def stop_helper_processes() -> None:
-    """Stop multiprocessing's fork server and resource tracker and wait for them, once the
-    workers are gone. Left alone, each exits only after noticing that the server has, so
-    a service manager would find them still running and kill them."""
-    # Both are module-level singletons; their _stop() closes the pipe that keeps the
-    # process running and reaps it. It does nothing for one that never started.
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (it unlinks the semaphores of processes
+    that die) now, so that processes forked from this one share it, each with its fork
+    server and workers, instead of each starting one of its own."""
+    resource_tracker.ensure_running()
+
+
+# multiprocessing's fork server and resource tracker are module-level singletons; their
+# _stop() closes the pipe that keeps the process running and reaps it. It does nothing
+# for one that never started. Left alone, each exits only after noticing that the
+# process that started it has, so a service manager would find it still running.
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server and wait for it, once the workers are gone."""
     forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
+
+def stop_resource_tracker() -> None:
+    """Stop the resource tracker and wait for it, once every process that used it has."""
     resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 

@@ -70,7 +70,7 @@ async def serve(
         for listener in listeners:
             listener.close()
         await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
-        converter.stop_helper_processes()
+        converter.stop_fork_server()  # the main process stops the resource tracker
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating

@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Sequence
 from types import FrameType
 
-from . import connections, listening, server, systemd
+from . import connections, converter, listening, server, systemd
 from .accepting import Board
 from .config import Config
 from .fleet import Fleet
@@ -60,6 +60,8 @@ def run(config: Config) -> int:
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.callback(sock.close)
+        converter.start_resource_tracker()
+        stack.callback(converter.stop_resource_tracker)
         return _Supervisor(config, sockets).run()
 
 
