@@ -3,11 +3,11 @@
 Every process waiting on a shared socket is woken for each new connection, and the one
 that gets there first takes it, and asyncio then takes every other one waiting: a burst
 of new connections tends to land on one process while the others idle. Here each
-process counts the connections it has taken on a board in memory they all share, and
-one that has taken more than one beyond the process that has taken fewest lets that one
-take the next, so that new connections go round the processes in turn. Should that one
-not even look for a connection within ``_LONGEST_WAIT`` (its event loop stuck), the
-others take them, and wait for it no more until it looks.
+process writes how many connections it holds on a board in memory they all share, as it
+looks for a new one and every ``_REFRESH_SECONDS``; one that holds more than one beyond
+the least loaded other leaves the next connection to it. Should that one not even look
+within ``_LONGEST_WAIT`` (its event loop stuck), the others take the connections, and
+wait for it no more until it looks.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ _log = logging.getLogger(__name__)
 
 _ABSENT = -1
 _RECHECK_SECONDS = 0.001
+# Connections closing are not written at once: a process holding them writes its count
+# again this often.
+_REFRESH_SECONDS = 0.1
 # Longer than a busy process may go unscheduled on a machine whose CPUs are all in use.
 _LONGEST_WAIT = 0.05
 # As asyncio does when the process is out of descriptors or memory: try again later.
@@ -29,9 +32,9 @@ _PAUSE_AFTER_ERROR = 1.0
 
 
 class Board:
-    """How many connections each HTTP process has taken, and how many times it has
-    looked for one, in shared memory: made before the processes are forked, so that all
-    of them see the same. Only a process itself writes its own counts."""
+    """How many connections each HTTP process holds, and how many times it has written
+    that, in shared memory: made before the processes are forked, so that all of them see
+    the same. Only a process itself writes its own."""
 
     def __init__(self, count: int) -> None:
         self._memory = mmap.mmap(-1, 16 * count)
@@ -39,42 +42,27 @@ class Board:
         for number in range(count):
             self.gone(number)
 
-    def join(self, number: int) -> None:
-        """Count process ``number`` in, as though it had taken as many connections as
-        the busiest other: new connections are for those that have had the fewest since."""
-        self._slots[2 * number] = max(
-            (taken for taken, _ in self._others(number).values()), default=0
-        )
+    def holds(self, number: int, connections: int) -> None:
+        self._slots[2 * number] = connections
+        self._slots[2 * number + 1] += 1
 
     def gone(self, number: int) -> None:
         self._slots[2 * number] = _ABSENT
 
-    def looks(self, number: int) -> None:
-        self._slots[2 * number + 1] += 1
-
-    def took(self, number: int) -> None:
-        self._slots[2 * number] += 1
-
-    def taken(self, number: int) -> int:
-        return self._slots[2 * number]
-
-    def fewest_taken_elsewhere(self, number: int) -> tuple[int, int] | None:
-        """Of the other running processes, the one that has taken the fewest
-        connections: how many, and how many times it has looked; None if no other runs."""
-        others = self._others(number)
-        return min(others.values()) if others else None
-
-    def _others(self, number: int) -> dict[int, tuple[int, int]]:
-        return {
-            other: (self._slots[2 * other], self._slots[2 * other + 1])
+    def least_loaded_elsewhere(self, number: int) -> tuple[int, int] | None:
+        """Of the other running processes, the one holding the fewest connections: how
+        many, and how many times it has written that; None if no other runs."""
+        others = [
+            (self._slots[2 * other], self._slots[2 * other + 1])
             for other in range(len(self._slots) // 2)
             if other != number and self._slots[2 * other] != _ABSENT
-        }
+        ]
+        return min(others, default=None)
 
 
 class InTurn:
     """Accepts connections on ``sock`` for ``protocol``, in turn with the other processes
-    on ``board``."""
+    on ``board``; ``held`` counts the connections this process holds."""
 
     def __init__(
         self,
@@ -82,12 +70,14 @@ class InTurn:
         protocol: Callable[[], asyncio.BaseProtocol],
         board: Board,
         number: int,
+        held: Callable[[], int],
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._protocol = protocol
         self._board = board
         self._number = number
+        self._held = held
         self._connecting: set[asyncio.Task[object]] = set()
         self._waiting_since: float | None = None
         self._looked = 0
@@ -95,7 +85,7 @@ class InTurn:
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
         sock.setblocking(False)
-        board.join(number)
+        self._refresh = self._loop.call_soon(self._write_holding)
         self._listen()
 
     def _listen(self) -> None:
@@ -107,9 +97,17 @@ class InTurn:
         self._loop.remove_reader(self._sock.fileno())
         self._resume = self._loop.call_later(seconds, self._listen)
 
+    def _holding(self) -> int:
+        return self._held() + len(self._connecting)
+
+    def _write_holding(self) -> None:
+        self._board.holds(self._number, self._holding())
+        self._refresh = self._loop.call_later(_REFRESH_SECONDS, self._write_holding)
+
     def _take_one(self) -> None:
-        self._board.looks(self._number)
-        if self._leaves_it():
+        holding = self._holding()
+        self._board.holds(self._number, holding)
+        if self._leaves_it(holding):
             self._pause(_RECHECK_SECONDS)
             return
         try:
@@ -121,17 +119,17 @@ class InTurn:
             self._pause(_PAUSE_AFTER_ERROR)
             return
         connection.setblocking(False)
-        self._board.took(self._number)
+        self._board.holds(self._number, holding + 1)
         connecting = self._loop.create_task(self._connect(connection))
         self._connecting.add(connecting)
         connecting.add_done_callback(self._connecting.discard)
 
-    def _leaves_it(self) -> bool:
-        """Whether to leave the next connection to the process that has taken fewest:
-        while it has taken more than one fewer, unless it has not looked for one for
-        ``_LONGEST_WAIT`` (then not until it looks again)."""
-        fewest = self._board.fewest_taken_elsewhere(self._number)
-        if fewest is None or self._board.taken(self._number) <= fewest[0] + 1:
+    def _leaves_it(self, holding: int) -> bool:
+        """Whether to leave the next connection to the least loaded other process: while
+        it holds more than one fewer, unless it has not written its count for
+        ``_LONGEST_WAIT`` (then not until it writes again)."""
+        fewest = self._board.least_loaded_elsewhere(self._number)
+        if fewest is None or holding <= fewest[0] + 1:
             self._waiting_since = None
             return False
         looked = fewest[1]
@@ -158,6 +156,7 @@ class InTurn:
         if self._closed:
             return
         self._closed = True
+        self._refresh.cancel()
         if self._resume is not None:
             self._resume.cancel()
         self._loop.remove_reader(self._sock.fileno())

@@ -58,8 +58,12 @@ async def serve(
             listeners.append(await fleet.serve(app[METRICS]))
             app[METRICS].others = fleet.others_series
         protocol = connections.capped(server, cap)
+
+        def held() -> int:
+            return len(server.connections)
+
         for sock in sockets:
-            listeners.append(InTurn(sock, protocol, fleet.board, fleet.number))
+            listeners.append(InTurn(sock, protocol, fleet.board, fleet.number, held))
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)

@@ -111,16 +111,29 @@ def tree_memory(pid: int) -> tuple[int, int]:
 
 
 def tree_cpu(pid: int, *, reaped: bool = False) -> tuple[float, float]:
-    """CPU seconds used so far by a process itself, and by its live descendants; with
-    ``reaped``, the descendants' figure also counts their children that have exited and
-    been waited for, such as the workers a pool has replaced."""
+    """CPU seconds used so far by the server: by the process and the HTTP processes it
+    forked, and by its live conversion side (multiprocessing's fork servers and resource
+    tracker, and the workers they started). With ``reaped``, the latter also counts their
+    children that have exited and been waited for, such as the workers a pool replaced."""
     tick = os.sysconf("SC_CLK_TCK")
-    own, *descendants = _tree(pid).values()
     last = 15 if reaped else 13  # utime, stime, then the waited-for children's
-    return (
-        (int(own[11]) + int(own[12])) / tick,
-        sum(int(n) for process in descendants for n in process[11:last]) / tick,
-    )
+    server = workers = 0
+    for member, process in _tree(pid).items():
+        if _is_multiprocessing(member):
+            workers += sum(int(n) for n in process[11:last])
+        else:
+            server += int(process[11]) + int(process[12])
+    return server / tick, workers / tick
+
+
+def _is_multiprocessing(pid: int) -> bool:
+    """Whether the process runs multiprocessing's code (a fork server, the resource
+    tracker, a worker forked from a fork server), not the server's."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"multiprocessing" in cmdline.read()
+    except OSError:
+        return False
 
 
 def tree_cpu_total(pid: int) -> float:
