@@ -75,26 +75,46 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return context
 
 
-def start_resource_tracker() -> None:
+def start_helper_processes() -> int:
     """Start multiprocessing's resource tracker (it unlinks the semaphores of processes
-    that die) now, so that processes forked from this one share it, each with its fork
-    server and workers, instead of each starting one of its own."""
+    that die) and fork server now, so that the processes forked from this one share them
+    instead of each starting its own; the fork server's pid."""
     resource_tracker.ensure_running()
+    _context()  # which the fork server preloads
+    forkserver.ensure_running()
+    server: Any = forkserver._forkserver  # its pid is not public
+    pid: int = server._forkserver_pid
+    return pid
 
 
-# multiprocessing's fork server and resource tracker are module-level singletons; their
-# _stop() closes the pipe that keeps the process running and reaps it. It does nothing
-# for one that never started. Left alone, each exits only after noticing that the
-# process that started it has, so a service manager would find it still running.
+def restart_fork_server() -> int:
+    """Start a fork server in place of one that has died; its pid."""
+    return start_helper_processes()  # it notices the old one gone, and starts another
 
 
-def stop_fork_server() -> None:
-    """Stop the fork server and wait for it, once the workers are gone."""
+def share_fork_server() -> None:
+    """In a process forked from the one that started the fork server: start workers
+    with that one. multiprocessing would otherwise ask the kernel whether its own child
+    is alive, find it no child of this process, and fail."""
+    server: Any = forkserver._forkserver
+    exited = os.pidfd_open(server._forkserver_pid)
+
+    def ensure_running() -> None:
+        poll = select.poll()
+        poll.register(exited, select.POLLIN)
+        if poll.poll(0):
+            raise BrokenProcessPool("the fork server that starts conversion workers is gone")
+
+    server.ensure_running = ensure_running
+
+
+def stop_helper_processes() -> None:
+    """Stop multiprocessing's fork server and resource tracker and wait for them, once
+    every process that used them is gone. Left alone, each exits only after noticing that
+    the process that started it has, so a service manager would find it still running."""
+    # Both are module-level singletons; their _stop() closes the pipe that keeps the
+    # process running and reaps it. It does nothing for one that never started.
     forkserver._forkserver._stop()  # type: ignore[attr-defined]
-
-
-def stop_resource_tracker() -> None:
-    """Stop the resource tracker and wait for it, once every process that used it has."""
     resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from . import connections, converter
+from . import connections
 from .accepting import InTurn
 from .app import create_app
 from .config import Config
@@ -74,7 +74,6 @@ async def serve(
         for listener in listeners:
             listener.close()
         await runner.cleanup()  # closes what is left, then the app's cleanup stops the workers
-        converter.stop_fork_server()  # the main process stops the resource tracker
         beating.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beating

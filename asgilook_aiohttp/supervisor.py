@@ -60,9 +60,9 @@ def run(config: Config) -> int:
     with contextlib.ExitStack() as stack:
         for sock in sockets:
             stack.callback(sock.close)
-        converter.start_resource_tracker()
-        stack.callback(converter.stop_resource_tracker)
-        return _Supervisor(config, sockets).run()
+        fork_server = converter.start_helper_processes()
+        stack.callback(converter.stop_helper_processes)
+        return _Supervisor(config, sockets, fork_server).run()
 
 
 @dataclasses.dataclass
@@ -80,7 +80,7 @@ class _Process:
 
 
 class _Supervisor:
-    def __init__(self, config: Config, sockets: Sequence[socket.socket]) -> None:
+    def __init__(self, config: Config, sockets: Sequence[socket.socket], fork_server: int) -> None:
         self._config = config
         self._sockets = sockets
         self._count = config.http_processes
@@ -92,6 +92,7 @@ class _Supervisor:
         self._restarts: dict[int, float] = {}  # when each process that died is to be started
         self._board = Board(self._count)
         self._selector = selectors.DefaultSelector()
+        self._watch_fork_server(fork_server)
         self._stop_requested = False
         self._ready_announced = False
         self._wake = (-1, -1)
@@ -126,6 +127,26 @@ class _Supervisor:
             self._selector.close()
             os.close(wake_read)
             os.close(wake_write)
+
+    def _watch_fork_server(self, pid: int) -> None:
+        self._fork_server = pid, os.pidfd_open(pid)
+        self._selector.register(self._fork_server[1], selectors.EVENT_READ, ("fork server", None))
+
+    def _replace_fork_server(self) -> None:
+        """Start a fork server in place of one that died, and have every HTTP process
+        drain and be replaced, so that the new ones start their workers with it."""
+        pid, exited = self._fork_server
+        self._selector.unregister(exited)
+        os.close(exited)
+        _log.error(
+            "the fork server of the conversion workers (pid %d) exited; starting "
+            "another, and the HTTP processes again",
+            pid,
+        )
+        self._watch_fork_server(converter.restart_fork_server())
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
 
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_requested = True
@@ -259,7 +280,9 @@ class _Supervisor:
                     os.read(key.fd, 512)
                 continue
             event, process = key.data
-            if event == "told":
+            if event == "fork server":
+                self._replace_fork_server()
+            elif event == "told":
                 self._hear(process)
             elif process.number in self._processes:
                 exited.append((process, self._reap(process)))
@@ -296,8 +319,9 @@ class _Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
             self._selector.close()
-            for fd in self._wake:
+            for fd in (*self._wake, self._fork_server[1]):
                 os.close(fd)
+            converter.share_fork_server()
             for process in self._processes.values():
                 os.close(process.exited)
                 os.close(process.channel)

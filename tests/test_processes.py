@@ -4,6 +4,7 @@ sockets, behaving as one server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -63,26 +64,50 @@ async def own_series(server: Server, number: int) -> dict[tuple[str, str], float
 
 
 def http_processes(server: Server) -> list[int]:
-    """The main process's children but the resource tracker it shares with them."""
+    """The main process's children but the fork server and resource tracker it shares
+    with them."""
     return [
         pid
         for pid in children_of(server.process.pid)
-        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"multiprocessing" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
+
+
+def workers_watching(server: Server, http_process: int) -> list[int]:
+    """The conversion workers of one HTTP process: those holding a pidfd of it, to exit
+    with it."""
+    watching = []
+    for worker in workers_of(server):
+        for fd in Path(f"/proc/{worker}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == "anon_inode:[pidfd]":
+                    info = Path(f"/proc/{worker}/fdinfo/{fd.name}").read_text()
+                    if f"Pid:\t{http_process}\n" in info:
+                        watching.append(worker)
+    return watching
 
 
 def mapped_files(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def workers_of(server: Server) -> list[int]:
-    """The conversion workers: the processes the HTTP processes' fork servers started."""
+def fork_servers_of(server: Server) -> list[int]:
     return [
         pid
-        for forkserver in descendants_of(server.process.pid)
-        if b"forkserver" in Path(f"/proc/{forkserver}/cmdline").read_bytes()
-        for pid in children_of(forkserver)
+        for pid in descendants_of(server.process.pid)
+        if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and not _is_forked_from_a_fork_server(pid)
     ]
+
+
+def _is_forked_from_a_fork_server(pid: int) -> bool:
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
+
+
+def workers_of(server: Server) -> list[int]:
+    """The conversion workers: the processes the fork server started."""
+    return [pid for fork_server in fork_servers_of(server) for pid in children_of(fork_server)]
 
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
@@ -208,8 +233,8 @@ async def test_a_killed_http_process_is_replaced_and_the_others_serve_meanwhile(
         tmp_path / "storage", "--http-processes", "2", stderr=asyncio.subprocess.PIPE
     )
     victim, survivor = http_processes(server)
-    victims_workers = descendants_of(victim)
-    assert victims_workers
+    victims_workers = workers_watching(server, victim)
+    assert len(victims_workers) == 1
     os.kill(victim, signal.SIGKILL)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
         for _ in range(10):  # while it is gone and being replaced
@@ -426,3 +451,24 @@ async def test_conversion_workers_load_pillow_and_not_the_server(tmp_path: Path)
             assert "/PIL/" in mapped
             # The server's own modules, aiohttp's parser among them, stay in the server.
             assert "/aiohttp/" not in mapped
+
+
+async def test_a_fork_server_that_dies_is_replaced_and_uploads_go_on(tmp_path: Path) -> None:
+    server = await start_server(
+        tmp_path / "storage", "--http-processes", "2", stderr=asyncio.subprocess.PIPE
+    )
+    (fork_server,) = fork_servers_of(server)
+    before = http_processes(server)
+    os.kill(fork_server, signal.SIGKILL)
+    await until(lambda: not set(http_processes(server)) & set(before))
+    await until(lambda: len(http_processes(server)) == 2)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        for _ in range(4):  # on both processes, most likely: each starts its workers anew
+            async with fresh.post(f"{server.url}/images", data=PNG) as response:
+                assert response.status == 201
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+    assert processes_in_group(server.process.pid) == []
+    assert server.process.stderr is not None
+    log = (await server.process.stderr.read()).decode()
+    assert f"the fork server of the conversion workers (pid {fork_server}) exited" in log
