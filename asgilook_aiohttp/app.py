@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .caching import Pace
 from .config import Config
-from .connections import close_if_body_unread
+from .connections import close_if_body_unread, sent_at_pace
 from .errors import problem_middleware
 from .inflight import InFlight
 from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
@@ -32,6 +33,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(
         middlewares=[
             in_flight.middleware,
+            sent_at_pace(Pace(config.min_body_rate, config.body_rate_window)),
             request_id_middleware,
             metrics.middleware,
             problem_middleware,

@@ -18,7 +18,9 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 
+from .caching import Pace
 from .config import Config
 
 _log = logging.getLogger(__name__)
@@ -158,3 +160,32 @@ async def close_if_body_unread(request: web.Request, response: web.StreamRespons
         response.force_close()
         response.headers[hdrs.CONNECTION] = "close"  # its headers are made already
         request.protocol.close()  # from now on, aiohttp drops what arrives, unparsed
+
+
+def sent_at_pace(pace: Pace) -> Middleware:
+    """A middleware that sends each answer held in memory (JSON, problems) itself, and
+    closes the connection of a client that does not take it at ``pace``. Left to aiohttp,
+    what the socket did not take would wait in memory, the connection open, for as long
+    as the client never read; stored images keep their own pace as they are sent."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        transport = request.transport
+        if not isinstance(response, web.Response) or transport is None:
+            return response
+        # With no room in its buffer, the answer's last write waits until the socket has
+        # taken every byte.
+        transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(pace.seconds_for(response.content_length or 0)):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            transport.abort()  # aiohttp then finds the connection gone, and moves on
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits()
+        return response
+
+    return middleware

@@ -9,6 +9,10 @@ import io
 import logging
 import os
 import random
+import re
+import socket
+import sqlite3
+import uuid
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from PIL import Image
 
 from asgilook_aiohttp import logs
 from asgilook_aiohttp.storage import files
+from asgilook_aiohttp.storage.backends import INDEX_FILE
 
 import samples
 from checks import (
@@ -553,3 +558,42 @@ def test_a_flood_of_one_error_is_logged_a_few_times(
     assert logged.count("Traceback") == 10
     assert "something else" in logged
     assert "(and 990 like it not logged)" in logged
+
+
+async def test_a_client_that_stops_reading_a_listing_is_cut_off(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    client = await make_client(min_body_rate=10_000_000, body_rate_window=0.5, idle_timeout=0.5)
+    with sqlite3.connect(storage / INDEX_FILE) as db:  # a full page, without converting
+        db.executemany(
+            "INSERT INTO images (id, uploaded, width, height, bytes, sha256) "
+            "VALUES (?, 1700000000, 4000, 3000, 3000000, ?)",
+            [(str(uuid.UUID(int=n, version=4)), "0" * 64) for n in range(1000)],
+        )
+    connection = await Connection.to(*address(client))
+    transport = cast(asyncio.Transport, connection.writer.transport)
+    transport.pause_reading()
+    # Socket buffers as small as a slow network's, which loopback's are not: the page
+    # outgrows them, and the rest waits in the server's memory for the client.
+    assert client.server.runner is not None
+    assert client.server.runner.server is not None
+    server = client.server.runner.server
+    await until(lambda: len(server.connections) == 1)
+    (handler,) = server.connections
+    assert handler.transport is not None
+    handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await connection.send(head("GET", "/images?limit=1000"))
+    await asyncio.sleep(3)  # a client that stalls, well past the time the page may take
+    transport.resume_reading()
+    async with asyncio.timeout(20):
+        received = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await connection.reader.read(1 << 20):
+                received += chunk
+    head_part, _, body = received.partition(b"\r\n\r\n")
+    declared = re.search(rb"content-length: (\d+)", head_part.lower())
+    assert declared is not None
+    length = int(declared[1])
+    assert length > 500_000
+    assert len(body) < length
