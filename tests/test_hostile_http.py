@@ -399,14 +399,21 @@ async def test_a_client_that_stops_reading_a_download_is_cut_off(
     await connection.send(head("GET", created["image"]))
     # Far more than the socket buffers hold, so the server waits on the client.
     assert len(big) > 16_000_000
-    await asyncio.sleep(3)  # a client that stalls, well past the 1.6 s its download may take
+    # A client that stalls, well past the 1.6 s its download may take.
+    received = await read_after_stalling(connection, transport)
+    assert len(received) < len(big)
+
+
+async def read_after_stalling(connection: Connection, transport: asyncio.Transport) -> bytes:
+    """Read nothing for 3 s, then all that comes until the connection ends."""
+    await asyncio.sleep(3)
     transport.resume_reading()
+    received = b""
     async with asyncio.timeout(20):
-        received = b""
         with contextlib.suppress(ConnectionError):
             while chunk := await connection.reader.read(1 << 20):
                 received += chunk
-    assert len(received) < len(big)
+    return received
 
 
 # Through the server process: what aiohttp does with connections is set up there.
@@ -584,13 +591,7 @@ async def test_a_client_that_stops_reading_a_listing_is_cut_off(
     handler.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await connection.send(head("GET", "/images?limit=1000"))
-    await asyncio.sleep(3)  # a client that stalls, well past the time the page may take
-    transport.resume_reading()
-    async with asyncio.timeout(20):
-        received = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await connection.reader.read(1 << 20):
-                received += chunk
+    received = await read_after_stalling(connection, transport)  # past the page's time
     head_part, _, body = received.partition(b"\r\n\r\n")
     declared = re.search(rb"content-length: (\d+)", head_part.lower())
     assert declared is not None
