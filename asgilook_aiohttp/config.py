@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import __version__
+
 MiB = 1024 * 1024
 
 DEFAULT_PAGE_SIZE = 100
@@ -514,6 +516,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         + ".",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for setting in _SETTINGS:
         if setting.flag is None:
             continue

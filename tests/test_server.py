@@ -14,6 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import asgilook_aiohttp
+
 import samples
 from checks import staged_bytes, stored_files, until, until_metric
 from serving import ROOT, Server, processes_in_group, running, start_server
@@ -91,6 +93,21 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
     async with running(storage) as restarted:  # nothing of it after a restart either
         assert await (await session.get(f"{restarted.url}/images")).json() == []
     assert stored_files(storage) == []
+
+
+async def test_version_is_printed_without_starting_anything(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "asgilook-aiohttp"
+    process = await asyncio.create_subprocess_exec(
+        str(script),
+        "--version",
+        "--storage",
+        str(tmp_path / "storage"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0
+    assert stdout.decode() == f"asgilook-aiohttp {asgilook_aiohttp.__version__}\n"
+    assert not (tmp_path / "storage").exists()
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:
