@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # Room for a deletion's transaction in the write-ahead log and for the index's
-# shared-memory file, with a wide margin (the README has the figures).
+# shared-memory file, with a wide margin (docs/internals.md has the figures).
 RESERVE_BYTES = 1024 * 1024
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

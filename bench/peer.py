@@ -27,7 +27,7 @@ whole tree and of the load generator.
 
 Prints a table (or, with --json, one JSON document) and the targets' verdicts. On ext4
 without a journal, point TMPDIR at a directory where nothing was deleted lately (see the
-README's Performance section).
+bench/README.md).
 """
 
 from __future__ import annotations
