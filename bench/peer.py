@@ -26,7 +26,7 @@ processes that accept them; beside every figure, the CPU per request of the serv
 whole tree and of the load generator.
 
 Prints a table (or, with --json, one JSON document) and the targets' verdicts. On ext4
-without a journal, point TMPDIR at a directory where nothing was deleted lately (see the
+without a journal, point TMPDIR at a directory where nothing was deleted lately (see
 bench/README.md).
 """
 
