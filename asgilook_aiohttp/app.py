@@ -14,6 +14,7 @@ from .inflight import InFlight
 from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
 from .logs import request_id_middleware
 from .metrics import Metrics
+from .openapi import handle as openapi_document
 from .store import Store
 from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness, Thumbnail
 
@@ -57,4 +58,5 @@ def create_app(config: Config) -> web.Application:
     app.router.add_view("/healthz", Health, name="health")
     app.router.add_view("/readyz", Readiness, name="readiness")
     app.router.add_get("/metrics", metrics.handle, name="metrics")
+    app.router.add_get("/openapi.json", openapi_document, name="openapi")
     return app
