@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,11 +110,25 @@ def json_response(
     304 or 412 its preconditions call for."""
     extra = headers or {}
     body, etag = _json_entity(data, extra)
+    return revalidated_response(request, body, etag, "application/json", extra)
+
+
+def revalidated_response(
+    request: web.Request,
+    body: bytes,
+    etag: str,
+    content_type: str,
+    headers: Mapping[str, str],
+    *,
+    charset: str | None = None,
+) -> web.Response:
+    """An answer held in memory that may change at its URL: ``Cache-Control: no-cache``
+    and ``etag`` (a tag of ``body``), or the 304 or 412 its preconditions call for."""
     _require_match(request, etag, None)
-    headers = {**extra, hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{etag}"'}
+    sent = {**headers, hdrs.CACHE_CONTROL: REVALIDATE, hdrs.ETAG: f'"{etag}"'}
     if _not_modified(request, etag, None):
-        raise web.HTTPNotModified(headers=headers)
-    return web.Response(body=body, content_type="application/json", headers=headers)
+        raise web.HTTPNotModified(headers=sent)
+    return web.Response(body=body, content_type=content_type, charset=charset, headers=sent)
 
 
 def _json_entity(data: Any, headers: dict[str, str]) -> tuple[bytes, str]:
