@@ -10,6 +10,7 @@ from .caching import Pace
 from .config import Config
 from .connections import close_if_body_unread, sent_at_pace
 from .errors import problem_middleware
+from .gallery import add_routes as add_gallery
 from .inflight import InFlight
 from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
 from .logs import request_id_middleware
@@ -58,5 +59,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_view("/healthz", Health, name="health")
     app.router.add_view("/readyz", Readiness, name="readiness")
     app.router.add_get("/metrics", metrics.handle, name="metrics")
+    add_gallery(app)
     app.router.add_get("/openapi.json", openapi_document, name="openapi")
     return app

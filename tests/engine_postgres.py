@@ -121,7 +121,7 @@ def _missing() -> str | None:
     return None
 
 
-def _unavailable(missing: str) -> NoReturn:
+def unavailable(missing: str) -> NoReturn:
     if os.environ.get("ASGILOOK_REQUIRE_ENGINES") == "1":
         pytest.fail(f"ASGILOOK_REQUIRE_ENGINES=1, and this machine lacks {missing}")
     pytest.skip(f"needs {missing}")
@@ -130,7 +130,7 @@ def _unavailable(missing: str) -> NoReturn:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     if missing := _missing():
-        _unavailable(missing)
+        unavailable(missing)
     # Not under pytest's own temporary directory, which the postgres user cannot enter.
     directory = Path(tempfile.mkdtemp(prefix="asgilook-postgres-"))
     try:
