@@ -26,6 +26,7 @@ from playwright.async_api import (
     ConsoleMessage,
     Error,
     FilePayload,
+    Locator,
     Page,
     Request,
     async_playwright,
@@ -240,6 +241,13 @@ async def listed_ids(session: aiohttp.ClientSession, server: Server) -> list[str
     return [image["id"] for image in await listed(session, server)]
 
 
+async def until_loaded(images: Locator) -> None:
+    # Read as properties: a string for the page to evaluate is what its policy forbids.
+    for image in await images.all():
+        await expect(image).to_have_js_property("complete", True)
+        assert await image.evaluate("image => image.naturalWidth") > 0
+
+
 async def keep_screenshot(page: Page, tmp_path: Path) -> None:
     shot = tmp_path / "gallery.png"
     await page.screenshot(path=shot)
@@ -272,9 +280,7 @@ async def test_upload_two_view_one_copy_its_link_and_delete_it(
         assert await bar.evaluate("bar => bar.value === bar.max && bar.max > 1")
     tiles = page.locator("#grid img")
     await expect(tiles).to_have_count(3)
-    await page.wait_for_function(
-        "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    await until_loaded(tiles)
     uploaded = {tuple(image["size"]): image["id"] for image in await listed(session, server)}
     del uploaded[64, 48]
     # Newest first; the picture of each upload is a thumbnail, the small one's the image.
