@@ -52,7 +52,7 @@ def add_routes(app: web.Application) -> None:
     page = _Asset.load("index.html", "text/html")
 
     async def root(request: web.Request) -> web.Response:
-        if _prefers_html(request.headers.get(hdrs.ACCEPT, "")):
+        if prefers_html(request.headers.get(hdrs.ACCEPT, "")):
             return page.response(request, _NEGOTIATED)
         return caching.json_response(request, _LINKS, _NEGOTIATED)
 
@@ -68,7 +68,7 @@ def _static(asset: _Asset) -> Handler:
     return handle
 
 
-def _prefers_html(accept: str) -> bool:
+def prefers_html(accept: str) -> bool:
     """Whether ``accept`` names HTML itself, at least as high as anything JSON matches.
 
     Only a named HTML type counts, not ``*/*``: browsers name it, and a client that takes

@@ -33,7 +33,7 @@ from playwright.async_api import (
     expect,
 )
 
-from asgilook_aiohttp.gallery import _prefers_html
+from asgilook_aiohttp.gallery import prefers_html
 
 import samples
 from checks import Client, bearer
@@ -89,7 +89,7 @@ expect.set_options(timeout=WAIT)
     ],
 )
 def test_the_page_goes_to_clients_that_name_html_first(accept: str, html: bool) -> None:
-    assert _prefers_html(accept) is html
+    assert prefers_html(accept) is html
 
 
 @pytest.mark.parametrize("accept", ["application/json", "*/*", "image/png"])
