@@ -66,11 +66,15 @@ async def own_series(server: Server, number: int) -> dict[tuple[str, str], float
 def http_processes(server: Server) -> list[int]:
     """The main process's children but the fork server and resource tracker it shares
     with them."""
-    return [
-        pid
-        for pid in children_of(server.process.pid)
-        if b"multiprocessing" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    found = []
+    for pid in children_of(server.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # it exited since it was listed: a replaced HTTP process, say
+            continue
+        if b"multiprocessing" not in command:
+            found.append(pid)
+    return found
 
 
 def workers_watching(server: Server, http_process: int) -> list[int]:
