@@ -320,8 +320,10 @@ class Store:
     async def get(self, image_id: str) -> ImageRecord | None:
         return await self._index.get(image_id)
 
-    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
-        return await self._index.page(limit, after)
+    async def page(
+        self, limit: int, after: str | None, *, newest_first: bool = False
+    ) -> tuple[list[ImageRecord], bool]:
+        return await self._index.page(limit, after, newest_first=newest_first)
 
     async def image_body(self, record: ImageRecord, offset: int, count: int) -> Body:
         return await self._blobs.body(image_key(record.id), offset, count)

@@ -62,9 +62,9 @@ class _Resource(web.View):
 
 class ImageCollection(_Resource):
     async def get(self) -> web.StreamResponse:
-        limit, after = _page_query(self.request)
+        limit, after, order = _page_query(self.request)
         try:
-            records, more = await self.store.page(limit, after)
+            records, more = await self.store.page(limit, after, newest_first=order == "newest")
         except UnknownCursor:
             raise bad_request(
                 "unknown-cursor",
@@ -75,7 +75,7 @@ class ImageCollection(_Resource):
             next_page = (
                 self.request.app.router["images"]
                 .url_for()
-                .with_query(limit=limit, after=records[-1].id)
+                .with_query(limit=limit, after=records[-1].id, **_ORDERS[order])
             )
             headers["Link"] = f'<{next_page}>; rel="next"'
         return caching.json_response(
@@ -165,7 +165,11 @@ class Readiness(_Resource):
         return web.json_response({"status": "ready"})
 
 
-def _page_query(request: web.Request) -> tuple[int, str | None]:
+# The query a next page's link carries for each order: the default goes unsaid.
+_ORDERS: dict[str, dict[str, str]] = {"oldest": {}, "newest": {"order": "newest"}}
+
+
+def _page_query(request: web.Request) -> tuple[int, str | None, str]:
     text = request.query.get("limit")
     limit = DEFAULT_PAGE_SIZE
     if text is not None:
@@ -177,7 +181,10 @@ def _page_query(request: web.Request) -> tuple[int, str | None]:
     after = request.query.get("after")
     if after is not None and not _is_canonical_uuid(after):
         raise bad_request("unknown-cursor", f"after={after!r} is not an image id")
-    return limit, after
+    order = request.query.get("order", "oldest")
+    if order not in _ORDERS:
+        raise bad_request("bad-order", f"order must be 'oldest' or 'newest', not {order!r}")
+    return limit, after, order
 
 
 def _is_canonical_uuid(text: str) -> bool:

@@ -129,6 +129,29 @@ async def test_images_are_recorded_and_counted(index: Index) -> None:
     assert await index.totals() == Totals(2, 3500, 0)
 
 
+async def test_pages_newest_first_follow_upload_order_backwards(index: Index) -> None:
+    assert await index.page(10, None, newest_first=True) == ([], False)
+    records = [image(n) for n in (5, 3, 9, 1)]
+    for record in records:
+        await store(index, record)
+    ids = [record.id for record in reversed(records)]
+
+    first, more = await index.page(2, None, newest_first=True)
+    assert [r.id for r in first] == ids[:2]
+    assert more
+    rest, more = await index.page(2, ids[1], newest_first=True)
+    assert [r.id for r in rest] == ids[2:]
+    assert not more
+    # An image added meanwhile is newer than where the reading began: not met again.
+    await store(index, image(7))
+    assert await index.page(2, ids[3], newest_first=True) == ([], False)
+    # A page's last image deleted: its place is remembered, the next page still follows.
+    assert await index.delete(ids[1], None, A, LEASE) is not None
+    rest, more = await index.page(1, ids[1], newest_first=True)
+    assert [r.id for r in rest] == ids[2:3]
+    assert more
+
+
 async def test_pages_follow_upload_order(index: Index) -> None:
     assert await index.page(10, None) == ([], False)
     records = [image(n) for n in (5, 3, 9, 1)]

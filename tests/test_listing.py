@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import samples
-from checks import Client, image_object
+from checks import Client, assert_problem, image_object
 
 
 async def upload_many(client: Client, count: int) -> list[dict[str, Any]]:
@@ -76,6 +76,28 @@ async def test_link_names_limit_and_last_id(client: Client) -> None:
     response = await client.get(f"/images?limit=1&after={uploaded[1]['id']}")
     assert await response.json() == [uploaded[2]]
     assert "Link" not in response.headers
+
+
+async def test_newest_first_pages_follow_their_links_to_the_oldest(client: Client) -> None:
+    uploaded = await upload_many(client, 5)
+    response = await client.get("/images?limit=2&order=newest")
+    assert await response.json() == uploaded[:2:-1]
+    link = next_link(response.headers)
+    assert link == f"/images?limit=2&after={uploaded[3]['id']}&order=newest"
+    seen = list(reversed(uploaded[3:]))
+    while link is not None:
+        response = await client.get(link)
+        seen += await response.json()
+        link = next_link(response.headers)
+    assert seen == uploaded[::-1]
+    oldest = await client.get("/images?limit=2&order=oldest")
+    assert await oldest.json() == uploaded[:2]
+
+
+async def test_an_unknown_order_is_400(client: Client) -> None:
+    response = await client.get("/images?order=random")
+    body = await assert_problem(response, 400, "bad-order")
+    assert "'oldest' or 'newest'" in body["detail"]
 
 
 async def test_after_the_last_image_is_an_empty_page(client: Client) -> None:

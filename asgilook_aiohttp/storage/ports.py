@@ -149,11 +149,14 @@ class Index(Protocol):
 
     async def get(self, image_id: str) -> ImageRecord | None: ...
 
-    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
-        """Up to ``limit`` images in upload order after the image ``after`` (deleted or
-        not), and whether more follow. Raises ``UnknownCursor``. A reader paging to the
-        end meets every image committed before it got there exactly once, however many
-        nodes add images meanwhile."""
+    async def page(
+        self, limit: int, after: str | None, *, newest_first: bool = False
+    ) -> tuple[list[ImageRecord], bool]:
+        """Up to ``limit`` images in upload order (or the reverse, ``newest_first``) after
+        the image ``after`` (deleted or not), and whether more follow. Raises
+        ``UnknownCursor``. A reader paging to the end meets exactly once every image
+        committed before it got there (newest first: before its first page), however
+        many nodes add images meanwhile."""
 
     async def delete(
         self, image_id: str, token_sha256: str | None, owner: str, lease: float

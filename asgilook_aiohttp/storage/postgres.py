@@ -149,6 +149,9 @@ ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, expires = excluded.expire
 """
 _CURSOR = "SELECT seq FROM images WHERE id = $1 UNION ALL SELECT seq FROM tombstones WHERE id = $1"
 _PAGE = f"SELECT {_COLUMNS} FROM images WHERE seq > $1 ORDER BY seq LIMIT $2"
+_NEWEST_PAGE = f"SELECT {_COLUMNS} FROM images WHERE seq < $1 ORDER BY seq DESC LIMIT $2"
+# Past every seq: where a newest-first reading starts.
+_AFTER_THE_LAST = 2**63 - 1
 _EVICTION_CANDIDATES = f"""
 SELECT {_THUMBNAIL_COLUMNS}, {_THUMBNAIL_KEY} AS key FROM thumbnails
 WHERE {_THUMBNAIL_KEY} <> ALL ($1::text[])
@@ -370,15 +373,17 @@ class PostgresIndex:
         )
         return ImageRecord(*row) if row else None
 
-    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
+    async def page(
+        self, limit: int, after: str | None, *, newest_first: bool = False
+    ) -> tuple[list[ImageRecord], bool]:
         async def page(db: _Connection) -> list[asyncpg.Record]:
-            start = 0
+            start = _AFTER_THE_LAST if newest_first else 0
             if after is not None:
                 found = await db.fetchval(_CURSOR, after)
                 if found is None:
                     raise UnknownCursor(after)
                 start = found
-            return await db.fetch(_PAGE, start, limit + 1)
+            return await db.fetch(_NEWEST_PAGE if newest_first else _PAGE, start, limit + 1)
 
         rows = await self._run(page)
         return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit

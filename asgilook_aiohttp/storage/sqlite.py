@@ -98,6 +98,9 @@ CURSOR_QUERY = (
     "SELECT seq FROM images WHERE id = ? UNION ALL SELECT seq FROM tombstones WHERE id = ?"
 )
 PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq > ? ORDER BY seq LIMIT ?"
+NEWEST_PAGE_QUERY = f"SELECT {_COLUMNS} FROM images WHERE seq < ? ORDER BY seq DESC LIMIT ?"
+# Past every seq: where a newest-first reading starts.
+_AFTER_THE_LAST = 2**63 - 1
 # Insert-if-absent: the entry is taken unless another owner holds a current lease.
 _CLAIM = (
     "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
@@ -396,15 +399,18 @@ class SqliteIndex:
 
         return await self._look_up(get)
 
-    async def page(self, limit: int, after: str | None) -> tuple[list[ImageRecord], bool]:
+    async def page(
+        self, limit: int, after: str | None, *, newest_first: bool = False
+    ) -> tuple[list[ImageRecord], bool]:
         def page(db: sqlite3.Connection) -> tuple[list[ImageRecord], bool]:
-            start = 0
+            start = _AFTER_THE_LAST if newest_first else 0
             if after is not None:
                 row = db.execute(CURSOR_QUERY, (after, after)).fetchone()
                 if row is None:
                     raise UnknownCursor(after)
                 start = row[0]
-            rows = db.execute(PAGE_QUERY, (start, limit + 1)).fetchall()
+            query = NEWEST_PAGE_QUERY if newest_first else PAGE_QUERY
+            rows = db.execute(query, (start, limit + 1)).fetchall()
             return [ImageRecord(*row) for row in rows[:limit]], len(rows) > limit
 
         return await self._call(page)
