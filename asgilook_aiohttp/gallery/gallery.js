@@ -1,13 +1,13 @@
 // The gallery: uploads with progress, a grid of thumbnails newest first, one image at a time.
 const $ = (id) => document.getElementById(id);
 const grid = $("grid"), more = $("more"), status = $("status"), viewer = $("viewer");
-const PAGE = 1000; // image objects a request, the most the API gives
-const BATCH = 48; // tiles added each time the end of the grid comes into view
+const PAGE = 48; // tiles added each time the end of the grid comes into view
 const MIN_SIDE = 64;
 const WRITE_TOKEN = "asgilook.write-token";
 const deleteKey = (id) => `asgilook.delete.${id}`;
 const shown = new Set();
-let waiting = []; // image objects not yet in the grid, newest first
+let next = `/images?order=newest&limit=${PAGE}`; // the list's next page, while there is one
+let reading = false;
 let current = null; // the image in the viewer
 
 const sizeOf = (url) => url.match(/(\d+)x(\d+)\.jpeg$/).slice(1).map(Number);
@@ -50,39 +50,34 @@ function tile(image) {
 }
 
 function showEmpty() {
-  status.textContent = grid.children.length || waiting.length ? "" : "No images yet.";
-}
-
-// The API lists oldest first, and can only be read forwards: the list is read to its end
-// (image objects only, a thousand a request), then shown from its end as the user scrolls.
-async function loadList() {
-  const images = [];
-  let next = `/images?limit=${PAGE}`;
-  while (next) {
-    const response = await fetch(next, { headers: { Accept: "application/json" } });
-    if (!response.ok) {
-      status.textContent = `The list could not be read: ${await detail(response)}`;
-      return;
-    }
-    images.push(...(await response.json()));
-    status.textContent = `Loading the list… ${images.length} images so far`;
-    next = response.headers.get("Link")?.match(/<([^>]+)>\s*;\s*rel="?next"?/)?.[1];
-  }
-  waiting = images.reverse();
-  showEmpty();
-  showMore();
+  status.textContent = grid.children.length || next ? "" : "No images yet.";
 }
 
 const observer = new IntersectionObserver((entries) => {
   if (entries.some((entry) => entry.isIntersecting)) showMore();
 }, { rootMargin: "50%" });
 
-function showMore() {
-  const batch = waiting.splice(0, BATCH).filter((image) => !shown.has(image.id));
-  grid.append(...batch.map(tile));
-  // Observing again reports at once whether the end is still in view.
-  observer.unobserve(more);
-  if (waiting.length) observer.observe(more);
+// The list, newest first, a page at a time as the end of the grid comes into view.
+async function showMore() {
+  if (reading || !next) return;
+  reading = true;
+  try {
+    const response = await fetch(next, { headers: { Accept: "application/json" } });
+    if (!response.ok) {
+      status.textContent = `The list could not be read: ${await detail(response)}`;
+      next = null; // not asked again and again while the end stays in view
+      return;
+    }
+    const page = await response.json();
+    next = response.headers.get("Link")?.match(/<([^>]+)>\s*;\s*rel="?next"?/)?.[1];
+    grid.append(...page.filter((image) => !shown.has(image.id)).map(tile));
+    showEmpty();
+  } finally {
+    reading = false;
+    // Observing again reports at once whether the end is still in view.
+    observer.unobserve(more);
+    if (next) observer.observe(more);
+  }
 }
 
 let asking = null; // one question for every upload refused at once
@@ -233,4 +228,4 @@ $("copy").addEventListener("click", copyLink);
 $("delete").addEventListener("click", remove);
 $("close").addEventListener("click", () => viewer.close());
 viewer.addEventListener("click", (event) => event.target === viewer && viewer.close());
-loadList().catch(() => (status.textContent = "The list could not be read: the server did not answer."));
+showMore().catch(() => (status.textContent = "The list could not be read: the server did not answer."));
