@@ -85,7 +85,9 @@ class Config:
     def for_http_process(self, number: int) -> Config:
         """The share of this configuration that HTTP process ``number`` of
         ``http_processes`` serves with: the limits that hold for the whole server are
-        divided among them, and each has at least one conversion worker."""
+        divided among them. Each keeps what one upload needs, however many there are: a
+        conversion worker, room for one upload on disk to wait in, and a place in the
+        queue if the server has a queue."""
         count = self.http_processes
 
         def share(total: int, least: int = 0) -> int:
@@ -95,9 +97,9 @@ class Config:
             self,
             http_process=number,
             workers=share(self.workers, least=1),
-            queue_size=share(self.queue_size),
+            queue_size=share(self.queue_size, least=min(1, self.queue_size)),
             upload_memory_mb=share(self.upload_memory_mb),
-            upload_disk_mb=share(self.upload_disk_mb),
+            upload_disk_mb=share(self.upload_disk_mb, least=-(-self.max_upload_bytes // MiB)),
             max_connections=share(self.max_connections, least=1),
         )
 

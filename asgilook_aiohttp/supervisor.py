@@ -47,6 +47,9 @@ _FIRST_PAUSE = 0.5
 _LONGEST_PAUSE = 30.0
 _STEADY = 60.0
 _LONGEST_HEARTBEAT = 1.0
+# Beyond the drain's own timeout, for the HTTP processes to stop their workers and exit.
+_LAST_CHANCE = 10.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def run(config: Config) -> int:
@@ -98,8 +101,9 @@ class _Supervisor:
         self._wake = (-1, -1)
         """The pipe signals wake the main process through."""
         self._watchdog = systemd.watchdog_interval()
-        # The watchdog's own timeout is twice its interval.
-        self._silence = 2 * self._watchdog if self._watchdog else None
+        # A process not heard from for the watchdog's interval (half its timeout) is
+        # killed in time for the next ping to go out.
+        self._silence = self._watchdog
         self._heartbeat = min(_LONGEST_HEARTBEAT, (self._watchdog or 2.0) / 2)
 
     def run(self) -> int:
@@ -107,7 +111,7 @@ class _Supervisor:
         wake_read, wake_write = self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(wake_read, selectors.EVENT_READ)
         previous = signal.set_wakeup_fd(wake_write)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, self._on_stop_signal)
         try:
             started = self._start_all()
@@ -122,6 +126,10 @@ class _Supervisor:
                 )
             status = self._stop_all()
             return status if started or self._stop_requested else 1
+        except BaseException:
+            # Its helpers wait for every process that holds them: those must go first.
+            self._kill_all("is left without a main process")
+            raise
         finally:
             signal.set_wakeup_fd(previous)
             self._selector.close()
@@ -200,21 +208,23 @@ class _Supervisor:
                 self._replace_later(process, status)
 
     def _all_heard_from(self, now: float) -> bool:
-        """Whether every HTTP process has been heard from within the watchdog's time;
-        kills any that has not, to be replaced."""
+        """Whether every HTTP process has been heard from within the watchdog's interval,
+        or, having died or been killed for its silence just now, is being replaced; kills
+        any that is silent. False while one that died is not replaced in that time."""
         assert self._silence is not None
         silent = [number for number, heard in self._heard.items() if now - heard > self._silence]
         for number in silent:
             if (process := self._processes.get(number)) is not None:
                 _log.error(
-                    "HTTP process %d (pid %d) has not answered for %.0f s; killing it",
+                    "HTTP process %d (pid %d) has not answered for %.1f s; killing it",
                     number,
                     process.pid,
                     now - process.heard,
                 )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
-        return not silent
+                self._heard[number] = now
+        return all(number in self._processes for number in silent)
 
     def _replace_later(self, process: _Process, status: int) -> None:
         lived = time.monotonic() - process.started
@@ -241,10 +251,14 @@ class _Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
         failed = False
+        deadline = time.monotonic() + self._config.shutdown_timeout + _LAST_CHANCE
         while self._processes:
-            for process, status in self._turn(None):
-                # One still starting up has no handler for the signal yet.
-                if status != 0 and not (status == -signal.SIGTERM and not process.ready):
+            if (left := deadline - time.monotonic()) <= 0:
+                self._kill_all("did not stop in time")
+            for process, status in self._turn(max(left, 0.1)):
+                # One still starting up has no handler for the signals yet.
+                stopped = status in (-signal.SIGTERM, -signal.SIGINT) and not process.ready
+                if status != 0 and not stopped:
                     _log.error(
                         "HTTP process %d (pid %d) %s",
                         process.number,
@@ -254,14 +268,26 @@ class _Supervisor:
                     failed = True
         return 1 if failed else 0
 
+    def _kill_all(self, why: str) -> None:
+        for process in self._processes.values():
+            _log.error("HTTP process %d (pid %d) %s; killing it", process.number, process.pid, why)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+
     def _start(self, number: int) -> None:
         channel_read, channel_write = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
         gc.freeze()  # what is allocated so far stays shared with the child, not copied
-        pid = os.fork()
-        if pid == 0:
-            os.close(channel_read)
-            self._become_http_process(number, channel_write, parent)
+        # Until the child has its own handlers, a stop signal must wait, not run the
+        # main process's handler in the child and be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(channel_read)
+                self._become_http_process(number, channel_write, parent)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         os.close(channel_write)
         now = time.monotonic()
         process = _Process(number, pid, os.pidfd_open(pid), channel_read, now, now)
@@ -282,9 +308,13 @@ class _Supervisor:
             event, process = key.data
             if event == "fork server":
                 self._replace_fork_server()
-            elif event == "told":
+                continue
+            assert isinstance(process, _Process)
+            if self._processes.get(process.number) is not process:
+                continue  # reaped already, earlier in this turn
+            if event == "told":
                 self._hear(process)
-            elif process.number in self._processes:
+            else:
                 exited.append((process, self._reap(process)))
         return exited
 
@@ -303,6 +333,7 @@ class _Supervisor:
     def _reap(self, process: _Process) -> int:
         _, status = os.waitpid(process.pid, 0)
         del self._processes[process.number]
+        self._heard[process.number] = time.monotonic()
         self._board.gone(process.number)
         for fd in (process.exited, process.channel):
             with contextlib.suppress(KeyError):
@@ -316,8 +347,9 @@ class _Supervisor:
         try:
             _die_with(parent)
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in _STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             self._selector.close()
             for fd in (*self._wake, self._fork_server[1]):
                 os.close(fd)
@@ -343,7 +375,7 @@ class _Supervisor:
         except SystemExit as error:
             if isinstance(error.code, str):
                 print(error.code, file=sys.stderr)
-            status = error.code if isinstance(error.code, int) else 1
+            status = 1 if isinstance(error.code, str) else error.code or 0
         except BaseException:
             traceback.print_exc()
         finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import os
 import re
 import signal
@@ -267,13 +268,22 @@ async def test_a_killed_http_process_is_replaced_and_the_others_serve_meanwhile(
 async def test_an_http_process_that_stops_answering_is_killed_and_replaced(
     tmp_path: Path,
 ) -> None:
-    # A watchdog of 2 s: the main process hears from each HTTP process every 0.5 s.
+    # A watchdog of 2 s: pings every second, each HTTP process heard from every 0.5 s.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.setblocking(False)
+    pings: list[float] = []
+
+    async def listen() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if b"WATCHDOG=1" in await loop.sock_recv(notify, 4096):
+                pings.append(loop.time())
+
+    listening = asyncio.create_task(listen())
+    env = {"WATCHDOG_USEC": "2000000", "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     server = await start_server(
-        tmp_path / "storage",
-        "--http-processes",
-        "2",
-        env={"WATCHDOG_USEC": "2000000"},
-        stderr=asyncio.subprocess.PIPE,
+        tmp_path / "storage", "--http-processes", "2", env=env, stderr=asyncio.subprocess.PIPE
     )
     stuck, _ = http_processes(server)
     os.kill(stuck, signal.SIGSTOP)  # as an event loop that never comes round again
@@ -283,11 +293,18 @@ async def test_an_http_process_that_stops_answering_is_killed_and_replaced(
                 assert response.status == 200
     await until(lambda: not process_exists(stuck), seconds=10)
     await until(lambda: len(http_processes(server)) == 2)
+    await asyncio.sleep(2)
     server.signal(signal.SIGTERM)
     assert await server.exit_code() == 0
+    listening.cancel()
+    notify.close()
+    # The stuck process was dealt with in time: systemd never went a whole timeout
+    # without a ping, so it would not have restarted the service.
+    assert len(pings) >= 4
+    assert max(later - earlier for earlier, later in itertools.pairwise(pings)) < 2.0
     assert server.process.stderr is not None
     log = (await server.process.stderr.read()).decode()
-    assert re.search(rf"HTTP process [01] \(pid {stuck}\) has not answered for \d+ s", log), log
+    assert re.search(rf"HTTP process [01] \(pid {stuck}\) has not answered for [\d.]+ s", log)
 
 
 @pytest.mark.parametrize(("workers", "expected"), [("2", 2), ("3", 3), ("1", 2)])
@@ -320,6 +337,13 @@ def test_each_process_gets_its_share_of_what_the_whole_server_may_use() -> None:
     # Fewer workers than processes: each still converts.
     fewer = Config(Path("storage"), http_processes=2, workers=1)
     assert [fewer.for_http_process(number).workers for number in (0, 1)] == [1, 1]
+    # On a machine of many CPUs, each still takes the largest upload allowed, and queues.
+    many = Config(Path("storage"), http_processes=64)
+    for share in (many.for_http_process(number) for number in (0, 63)):
+        assert share.upload_disk_mb * MiB >= many.max_upload_bytes
+        assert share.queue_size >= 1
+    unqueued = Config(Path("storage"), http_processes=2, queue_size=0)
+    assert unqueued.for_http_process(1).queue_size == 0
 
 
 async def test_each_process_has_its_own_reserve_and_a_smaller_server_removes_the_rest(
