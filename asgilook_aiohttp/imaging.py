@@ -125,6 +125,10 @@ def _die_with(server_pid: int) -> None:
     journal entry names it."""
     try:
         server = os.pidfd_open(server_pid)
+    except ProcessLookupError:
+        # Gone before this worker started: nothing else would end it, for it holds its
+        # own job queue open and would wait on it for good.
+        os.kill(os.getpid(), signal.SIGKILL)
     except OSError:  # Linux before 5.3: the service manager's kill must do
         return
 

@@ -6,6 +6,8 @@ import asyncio
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -254,3 +256,19 @@ async def test_image_needing_more_memory_than_a_worker_may_use_is_413(
     assert_nothing_stored(storage)
     assert converter_of(client).worker_pids() == [worker]
     assert (await client.post("/images", data=samples.small_png())).status == 201
+
+
+def test_a_worker_whose_server_is_gone_before_it_starts_ends_at_once() -> None:
+    dead = subprocess.Popen(["true"])  # a pid no process has once it is reaped
+    dead.wait()
+    worker = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time, sys; from asgilook_aiohttp import imaging; "
+            f"imaging.init_worker(1 << 30, {dead.pid}); time.sleep(30); sys.exit(3)",
+        ],
+        timeout=20,
+        check=False,
+    )
+    assert worker.returncode == -signal.SIGKILL
