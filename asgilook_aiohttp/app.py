@@ -12,7 +12,7 @@ from .connections import close_if_body_unread, sent_at_pace
 from .errors import problem_middleware
 from .gallery import add_routes as add_gallery
 from .inflight import InFlight
-from .keys import CONFIG, IN_FLIGHT, METRICS, STORE
+from .keys import CONFIG, IN_FLIGHT, METRICS, SEND_PACE, STORE
 from .logs import request_id_middleware
 from .metrics import Metrics
 from .openapi import handle as openapi_document
@@ -32,10 +32,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     in_flight = InFlight()
     metrics = Metrics()
+    pace = Pace(config.min_body_rate, config.body_rate_window)
     app = web.Application(
         middlewares=[
             in_flight.middleware,
-            sent_at_pace(Pace(config.min_body_rate, config.body_rate_window)),
+            sent_at_pace(pace),
             request_id_middleware,
             metrics.middleware,
             problem_middleware,
@@ -43,6 +44,7 @@ def create_app(config: Config) -> web.Application:
         client_max_size=config.max_upload_bytes,
     )
     app[CONFIG] = config
+    app[SEND_PACE] = pace
     app[IN_FLIGHT] = in_flight
     app[METRICS] = metrics
     app.on_response_prepare.append(metrics.on_response_prepare)

@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from .caching import Pace
 from .config import Config
 from .inflight import InFlight
 from .metrics import Metrics
@@ -11,3 +12,5 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 METRICS = web.AppKey("metrics", Metrics)
+SEND_PACE = web.AppKey("send_pace", Pace)
+"""The slowest a client may take what it is sent."""

@@ -12,7 +12,7 @@ from . import auth, caching, uploads
 from .caching import http_date
 from .config import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from .errors import Problem, bad_request, not_found
-from .keys import CONFIG, STORE
+from .keys import CONFIG, SEND_PACE, STORE
 from .storage.ports import ImageRecord, UnknownCursor
 from .store import Store
 
@@ -29,11 +29,6 @@ class _Resource(web.View):
 
     async def head(self) -> web.StreamResponse:
         return await self.get()
-
-    @property
-    def send_pace(self) -> caching.Pace:
-        config = self.request.app[CONFIG]
-        return caching.Pace(config.min_body_rate, config.body_rate_window)
 
     async def record(self) -> ImageRecord:
         image_id = self.request.match_info["image_id"]
@@ -127,7 +122,7 @@ class ImageFile(_Resource):
             record.nbytes,
             caching.validators(record.sha256, record.uploaded),
             gone=f"there is no image with id {record.id}",
-            pace=self.send_pace,
+            pace=self.request.app[SEND_PACE],
         )
 
 
@@ -149,7 +144,7 @@ class Thumbnail(_Resource):
             gone=f"the {thumbnail.width}x{thumbnail.height} thumbnail of image {record.id} was "
             "removed as it was about to be sent (the image deleted, or the thumbnail evicted); "
             "ask again",
-            pace=self.send_pace,
+            pace=self.request.app[SEND_PACE],
         )
 
 
