@@ -7,6 +7,7 @@ A server of several HTTP processes reports the sum of all of theirs (``others``)
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -107,8 +108,12 @@ class Metrics:
         return generate_latest(self.registry)
 
     async def handle(self, request: web.Request) -> web.Response:
-        others = None if self.others is None else await self.others()
-        body = self.own_series() if others is None else self._with_others(others)
+        if self.others is None:
+            body = self.own_series()
+        else:
+            # Parsing every other process's series is work in proportion to the CPUs:
+            # not for the event loop.
+            body = await asyncio.to_thread(self._with_others, await self.others())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _with_others(self, others: list[bytes]) -> bytes:
