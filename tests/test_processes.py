@@ -41,6 +41,7 @@ from serving import (
     Server,
     children_of,
     descendants_of,
+    proc_stat,
     processes_in_group,
     running,
     start_server,
@@ -106,7 +107,7 @@ def fork_servers_of(server: Server) -> list[int]:
 
 
 def _is_forked_from_a_fork_server(pid: int) -> bool:
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    parent = int(proc_stat(pid)[1])
     return b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()
 
 
