@@ -1,7 +1,8 @@
 """Every setting, its default and its limits, read from flags and the environment.
 
-Flags beat environment variables, which beat defaults. Each setting has one flag and
-one ``ASGILOOK_*`` variable; the storage path also honours the tutorial's
+Flags beat environment variables, which beat the configuration file (``--config``, TOML,
+keyed by the flags' names), which beats the defaults. Each setting has one flag, one
+``ASGILOOK_*`` variable and one key; the storage path also honours the tutorial's
 ``ASGI_LOOK_STORAGE_PATH``.
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
+import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ class Config:
     max_connections: int = 4096
     unix_path: Path | None = None
     log_format: str = "text"
+    log_level: str = "info"
     write_token: str | None = field(default=None, repr=False)
     index: str = "sqlite"
     blobs: str = "file"
@@ -73,6 +77,11 @@ class Config:
     index_password: str | None = field(default=None, repr=False)
     dependency_timeout: float = 5.0
     lease_seconds: float = 30.0
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or networks (or ``unix``, for the Unix socket's peers) whose
+    X-Forwarded-For and Forwarded headers name the client."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``scheme://host[:port]``, or ``*``) whose pages may call the API."""
     http_process: int = 0
     """Which of the server's HTTP processes this configuration is for (0: the first, or
     the only one); not a setting."""
@@ -105,28 +114,85 @@ class Config:
 
     @classmethod
     def from_sources(
-        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        parser: argparse.ArgumentParser | None = None,
     ) -> Config:
-        """Build the configuration from command-line flags and environment variables."""
+        """Build the configuration from command-line flags, environment variables and
+        the configuration file; ``parser`` is one of ``settings_parser``'s with a
+        command's own arguments added, which are left for the command to read."""
+        return cls.from_flags(*parse_command_line(argv, parser), environ)
+
+    @classmethod
+    def from_flags(
+        cls,
+        flags: Mapping[str, Any],
+        parser: argparse.ArgumentParser,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
         environ = os.environ if environ is None else environ
-        parser = _parser()
-        flags = vars(parser.parse_args(argv))
         values: dict[str, Any] = {}
         for setting in _SETTINGS:
             if (value := flags.get(setting.name)) is not None:
-                values.setdefault(setting.target, value)
+                values.setdefault(setting.target, tuple(value) if setting.many else value)
         for setting in _SETTINGS:
             if (value := setting.from_environ(environ, parser)) is not None:
                 values.setdefault(setting.target, value)
+        config_file = flags.get("config") or environ.get(CONFIG_VARIABLE)
+        if config_file:
+            for target, value in _read_file(Path(config_file), parser).items():
+                values.setdefault(target, value)
         values.setdefault("storage_path", default_storage_path(environ))
         config = cls(**values)
         if (config.index == "sqlite") != (config.blobs == "file"):
-            raise SystemExit(
+            parser.exit(
+                2,
                 f"asgilook-aiohttp: --index {_kind(config.index)} and --blobs "
                 f"{_kind(config.blobs)} do not go together: use sqlite with file (one "
-                "machine) or postgresql with s3 (several nodes)"
+                "machine) or postgresql with s3 (several nodes)\n",
             )
         return config
+
+
+CONFIG_VARIABLE = "ASGILOOK_CONFIG"
+
+
+def parse_command_line(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None
+) -> tuple[dict[str, Any], argparse.ArgumentParser]:
+    """The flags given, by setting name (None where not given), and the parser that read
+    them, to report what is wrong with the rest."""
+    parser = settings_parser() if parser is None else parser
+    return vars(parser.parse_args(argv)), parser
+
+
+def _read_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The settings a configuration file sets, by Config field."""
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        parser.exit(2, f"asgilook-aiohttp: the configuration file {path}: {error.strerror}\n")
+    except tomllib.TOMLDecodeError as error:
+        parser.exit(2, f"asgilook-aiohttp: the configuration file {path} is not TOML: {error}\n")
+    by_key = {setting.key: setting for setting in _SETTINGS if setting.flag is not None}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if (setting := by_key.get(key)) is None:
+            parser.exit(
+                2,
+                f"asgilook-aiohttp: the configuration file {path} has an unknown setting "
+                f"{key!r}; the settings are the flags' names without their dashes: "
+                f"{', '.join(sorted(by_key))}\n",
+            )
+        try:
+            values.setdefault(setting.target, setting.from_value(value))
+        except ValueError as error:
+            parser.exit(
+                2, f"asgilook-aiohttp: the configuration file {path}: {key} = {value!r}: {error}\n"
+            )
+    return values
 
 
 def _kind(setting: str) -> str:
@@ -162,6 +228,55 @@ def _log_format(text: str) -> str:
     if text not in ("text", "json"):
         raise ValueError(f"must be 'text' or 'json', not {text!r}")
     return text
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return level
+
+
+UNIX_PEERS = "unix"
+"""The trusted proxy that stands for whatever connects to the Unix socket."""
+
+
+def _proxy(text: str) -> str:
+    if text == UNIX_PEERS:
+        return text
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address, a network such as 10.0.0.0/8, or {UNIX_PEERS!r}, not {text!r}"
+        ) from None
+
+
+def _origin(text: str) -> str:
+    if text == "*":
+        return text
+    url = urllib.parse.urlsplit(text)
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or port == -1
+        or url.path
+        or url.query
+        or url.fragment
+        or url.username is not None
+    ):
+        raise ValueError(
+            f"must be '*' or an origin: scheme, host and port if not the scheme's own, as in "
+            f"https://example.org or http://localhost:3000, not {text!r}"
+        )
+    return f"{url.scheme}://{url.netloc.lower()}"
 
 
 def _token(text: str) -> str:
@@ -234,10 +349,29 @@ class _Setting:
     env: tuple[str, ...] = ()
     field: str | None = None
     """The Config field it sets, when not ``name``."""
+    many: bool = False
+    """Whether it takes several values: the flag takes one or more, the variable and the
+    file's key a list (the variable's separated by commas or spaces)."""
 
     @property
     def target(self) -> str:
         return self.field or self.name
+
+    @property
+    def key(self) -> str:
+        """Its key in the configuration file: the flag's name without its dashes."""
+        return (self.flag or self.name).removeprefix("--")
+
+    def from_text(self, text: str) -> Any:
+        if self.many:
+            return tuple(self.parse(item) for item in text.replace(",", " ").split())
+        return self.parse(text)
+
+    def from_value(self, value: object) -> Any:
+        """The setting from a value of a configuration file."""
+        if self.many and isinstance(value, list):
+            return tuple(self.parse(_scalar(item)) for item in value)
+        return self.from_text(_scalar(value))
 
     @property
     def env_names(self) -> tuple[str, ...]:
@@ -247,7 +381,7 @@ class _Setting:
         for name in self.env_names:
             if (text := environ.get(name)) is not None:
                 try:
-                    return self.parse(text)
+                    return self.from_text(text)
                 except ValueError as error:
                     parser.error(f"environment variable {name}={text!r}: {error}")
         return None
@@ -398,6 +532,29 @@ _SETTINGS = (
         _log_format,
         "'text' for people, 'json' for one JSON object per line (default text)",
     ),
+    _Setting(
+        "log_level",
+        "--log-level",
+        _log_level,
+        "the least severe lines logged: debug, info, warning, error or critical (default info)",
+    ),
+    _Setting(
+        "trusted_proxies",
+        "--trusted-proxy",
+        _proxy,
+        "addresses or networks of reverse proxies whose X-Forwarded-For and Forwarded "
+        f"headers name the client, for the access log; {UNIX_PEERS!r} trusts whatever "
+        "connects to --unix (default: none, the headers are ignored)",
+        many=True,
+    ),
+    _Setting(
+        "cors_origins",
+        "--cors-origin",
+        _origin,
+        "origins, such as https://example.org, whose web pages may call the API from a "
+        "browser (CORS), or '*' for any (default: none but the server's own)",
+        many=True,
+    ),
     _Setting("write_token", None, _token, "the bearer token that uploads and deletions need"),
     _Setting(
         "write_token_file",
@@ -485,6 +642,12 @@ _SETTINGS = (
 )
 
 
+def _scalar(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("must be a string or a number")
+    return str(value)
+
+
 SECRET_VARIABLES = tuple(
     name
     for setting in _SETTINGS
@@ -504,10 +667,16 @@ def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def _parser() -> argparse.ArgumentParser:
+def settings_parser(
+    prog: str = "asgilook-aiohttp",
+    description: str = "Serve the asgilook image API.",
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """A parser of every setting's flag, for a command to add its own arguments to."""
     parser = argparse.ArgumentParser(
-        prog="asgilook-aiohttp",
-        description="Serve the asgilook image API. Every flag also reads an environment "
+        prog=prog,
+        epilog=epilog,
+        description=f"{description} Every flag also reads an environment "
         "variable: ASGILOOK_ and the setting's name in capitals (--storage reads "
         "ASGILOOK_STORAGE_PATH). Secrets have no flag, which would show them in the process "
         "list; each is read from a variable, or from a file another variable names: "
@@ -519,6 +688,13 @@ def _parser() -> argparse.ArgumentParser:
         + ".",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file of settings, keyed by the flags' names without their dashes, "
+        'such as port = 8080 or trusted-proxy = ["10.0.0.1"]; flags and environment '
+        f"variables beat it [env: {CONFIG_VARIABLE}]",
+    )
     for setting in _SETTINGS:
         if setting.flag is None:
             continue
@@ -528,5 +704,7 @@ def _parser() -> argparse.ArgumentParser:
             type=_argparse_type(setting.parse),
             default=None,
             help=f"{setting.help} [env: {', '.join(setting.env_names)}]",
+            nargs="+" if setting.many else None,
+            action="extend" if setting.many else "store",
         )
     return parser

@@ -157,8 +157,8 @@ _clock = time.monotonic
 _MOST_KINDS = 1000
 
 
-def configure(log_format: str) -> None:
-    """Send INFO and above to standard error, as text or as JSON lines."""
+def configure(log_format: str, level: str = "info") -> None:
+    """Send ``level`` and above to standard error, as text or as JSON lines."""
     # Neither format shows the process, the thread or the calling line: a record need
     # not find them out, which it would do for every access line.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
@@ -173,4 +173,4 @@ def configure(log_format: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
         )
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -194,9 +194,12 @@ def test_bad_shared_storage_settings_are_refused(
 @pytest.mark.parametrize(
     "argv", [["--index", SHARED[1]], ["--blobs", "s3://pics"], [*SHARED[:2], "--blobs", "file"]]
 )
-def test_a_mixed_pair_exits_with_one_line(argv: list[str]) -> None:
+def test_a_mixed_pair_exits_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         Config.from_sources(argv, {})
-    said = str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    said = capsys.readouterr().err
     assert said.startswith("asgilook-aiohttp: --index ")
-    assert "\n" not in said
+    assert said.count("\n") == 1

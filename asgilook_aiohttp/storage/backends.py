@@ -24,17 +24,21 @@ def reserve_file(http_process: int) -> str:
     return RESERVE_FILE if http_process == 0 else f"{RESERVE_FILE}-{http_process}"
 
 
-def backends(config: Config, scratch: Scratch) -> tuple[Index, Blobs]:
+def backends(
+    config: Config, scratch: Scratch, *, reserve: Path | None = None
+) -> tuple[Index, Blobs]:
     """The index and the blob store ``config`` names; SystemExit if the shared pair is
-    asked for and its libraries are not installed."""
+    asked for and its libraries are not installed. ``reserve``: where the SQLite index
+    keeps its room, for a command run beside the server rather than its HTTP process
+    ``config.http_process``."""
     if not config.shared_storage:
-        if config.http_process == 0:  # the first to start: the others wait for it
-            _remove_unused_reserves(config.storage_path, config.http_processes)
+        if reserve is None:
+            reserve = config.storage_path / reserve_file(config.http_process)
+            if config.http_process == 0:  # the first to start: the others wait for it
+                _remove_unused_reserves(config.storage_path, config.http_processes)
         return (
             SqliteIndex(
-                config.storage_path / INDEX_FILE,
-                config.storage_path / reserve_file(config.http_process),
-                timeout=config.dependency_timeout,
+                config.storage_path / INDEX_FILE, reserve, timeout=config.dependency_timeout
             ),
             LocalBlobs(config.storage_path, scratch),
         )
