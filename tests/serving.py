@@ -100,6 +100,25 @@ async def start_server(
     return Server(process, match.group(1))
 
 
+CONSOLE_SCRIPT = Path(sys.executable).parent / "asgilook-aiohttp"
+
+
+async def run_command(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the console script to its end; its exit status, standard output and standard
+    error."""
+    process = await asyncio.create_subprocess_exec(
+        CONSOLE_SCRIPT,
+        *argv,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(120):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 @asynccontextmanager
 async def running(storage: Path, *flags: str) -> AsyncIterator[Server]:
     """A server on ``storage`` for the length of the block; then SIGTERM and exit status 0."""

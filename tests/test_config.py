@@ -48,6 +48,9 @@ def test_environment_sets_every_setting() -> None:
         "ASGILOOK_THUMBNAIL_BUDGET_MB": "64",
         "ASGILOOK_UNIX_PATH": "/run/asgilook.sock",
         "ASGILOOK_LOG_FORMAT": "json",
+        "ASGILOOK_LOG_LEVEL": "WARNING",
+        "ASGILOOK_TRUSTED_PROXIES": "10.1.2.3/8, unix",
+        "ASGILOOK_CORS_ORIGINS": "https://Example.org http://localhost:3000",
     }
     assert Config.from_sources([], env) == _EVERY_SETTING_CHANGED
 
@@ -59,9 +62,86 @@ def test_flags_set_every_setting() -> None:
         *("--max-upload-bytes", "1000", "--max-pixels", "2000", "--min-thumbnail-side", "32"),
         *("--jpeg-quality", "80", "--shutdown-timeout", "5", "--upload-memory-mb", "16"),
         *("--thumbnail-budget-mb", "64", "--unix", "/run/asgilook.sock", "--log-format", "json"),
-        *("--http-processes", "5"),
+        *("--http-processes", "5", "--log-level", "warning", "--trusted-proxy", "10.1.2.3/8"),
+        *("--trusted-proxy", "unix", "--cors-origin", "https://example.org"),
+        "http://localhost:3000",
     ]
     assert Config.from_sources(flags, {}) == _EVERY_SETTING_CHANGED
+
+
+def test_a_configuration_file_sets_every_setting(tmp_path: Path) -> None:
+    path = tmp_path / "asgilook.toml"
+    path.write_text(
+        """
+        host = "::1"
+        port = 9000
+        storage = "/srv/images"
+        workers = 3
+        http-processes = 5
+        queue-size = 0
+        conversion-timeout = 2.5
+        worker-memory-mb = 512
+        max-upload-bytes = 1000
+        max-pixels = 2000
+        min-thumbnail-side = 32
+        jpeg-quality = 80
+        shutdown-timeout = 5
+        upload-memory-mb = 16
+        thumbnail-budget-mb = 64
+        unix = "/run/asgilook.sock"
+        log-format = "json"
+        log-level = "warning"
+        trusted-proxy = ["10.1.2.3/8", "unix"]
+        cors-origin = ["https://example.org", "http://localhost:3000"]
+        """
+    )
+    assert Config.from_sources(["--config", str(path)], {}) == _EVERY_SETTING_CHANGED
+    assert Config.from_sources([], {"ASGILOOK_CONFIG": str(path)}) == _EVERY_SETTING_CHANGED
+
+
+def test_flags_beat_the_environment_which_beats_the_file_which_beats_defaults(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "asgilook.toml"
+    path.write_text('port = 9001\nworkers = 7\nqueue-size = 9\ncors-origin = "https://a.example"\n')
+    env = {"ASGILOOK_PORT": "9002", "ASGILOOK_WORKERS": "6"}
+    config = Config.from_sources(["--config", str(path), "--port", "9003"], env)
+    assert (config.port, config.workers, config.queue_size) == (9003, 6, 9)
+    assert config.cors_origins == ("https://a.example",)
+    assert config.jpeg_quality == 90
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 9000\n", "unknown setting 'prot'"),
+        ("write-token = 'x'\n", "unknown setting 'write-token'"),
+        ("port = 70000\n", "port = 70000: must be from 0 to 65535"),
+        ("port = [1, 2]\n", "port = [1, 2]: must be a string or a number"),
+        ("cors-origin = ['https://a.example/path']\n", "must be '*' or an origin"),
+        ("port = \n", "is not TOML"),
+    ],
+)
+def test_a_bad_configuration_file_is_refused_naming_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    path = tmp_path / "asgilook.toml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_sources(["--config", str(path)], {})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert str(path) in error
+    assert message in error
+
+
+def test_a_missing_configuration_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_sources([], {"ASGILOOK_CONFIG": str(tmp_path / "missing.toml")})
+    assert exit_info.value.code == 2
+    assert "No such file or directory" in capsys.readouterr().err
 
 
 _EVERY_SETTING_CHANGED = Config(
@@ -82,6 +162,9 @@ _EVERY_SETTING_CHANGED = Config(
     thumbnail_budget_mb=64,
     unix_path=Path("/run/asgilook.sock"),
     log_format="json",
+    log_level="warning",
+    trusted_proxies=("10.0.0.0/8", "unix"),
+    cors_origins=("https://example.org", "http://localhost:3000"),
 )
 
 
@@ -116,6 +199,10 @@ def test_tutorial_storage_variable_is_honoured_after_ours() -> None:
         ([], {"ASGILOOK_WORKERS": "many"}, "ASGILOOK_WORKERS='many'"),
         ([], {"ASGILOOK_CONVERSION_TIMEOUT": "0"}, "must be a number of seconds above 0"),
         ([], {"ASGILOOK_STORAGE_PATH": ""}, "must not be empty"),
+        (["--log-level", "loud"], {}, "must be one of debug, info, warning, error, critical"),
+        (["--trusted-proxy", "proxy.example"], {}, "must be an IP address, a network"),
+        (["--cors-origin", "example.org"], {}, "must be '*' or an origin"),
+        (["--cors-origin", "https://x.example:99999"], {}, "must be '*' or an origin"),
     ],
 )
 def test_bad_values_are_refused_with_a_message(

@@ -18,7 +18,7 @@ import asgilook_aiohttp
 
 import samples
 from checks import staged_bytes, stored_files, until, until_metric
-from serving import ROOT, Server, processes_in_group, running, start_server
+from serving import CONSOLE_SCRIPT, ROOT, Server, processes_in_group, running, start_server
 
 
 async def upload(session: aiohttp.ClientSession, server: Server, data: bytes) -> dict[str, str]:
@@ -96,9 +96,8 @@ async def test_workers_die_with_a_killed_server_and_store_nothing_after(
 
 
 async def test_version_is_printed_without_starting_anything(tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "asgilook-aiohttp"
     process = await asyncio.create_subprocess_exec(
-        str(script),
+        CONSOLE_SCRIPT,
         "--version",
         "--storage",
         str(tmp_path / "storage"),
@@ -108,6 +107,28 @@ async def test_version_is_printed_without_starting_anything(tmp_path: Path) -> N
     assert process.returncode == 0
     assert stdout.decode() == f"asgilook-aiohttp {asgilook_aiohttp.__version__}\n"
     assert not (tmp_path / "storage").exists()
+
+
+async def test_serve_is_the_default_command_and_takes_a_configuration_file(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    settings = tmp_path / "asgilook.toml"
+    settings.write_text('max-upload-bytes = 100\nlog-format = "json"\nport = 1\n')
+    server = await start_server(
+        tmp_path / "storage",
+        "--config",
+        str(settings),
+        env={"ASGILOOK_LOG_FORMAT": "text"},
+        stderr=asyncio.subprocess.PIPE,
+        program=(str(CONSOLE_SCRIPT), "serve"),
+    )
+    async with session.post(f"{server.url}/images", data=b"x" * 101) as response:
+        assert response.status == 413
+    server.signal(signal.SIGTERM)
+    assert await server.exit_code() == 0
+    assert server.process.stderr is not None
+    log = (await server.process.stderr.read()).decode()
+    assert '"POST /images" 413' in log  # text, as the environment said, not the file's JSON
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:
