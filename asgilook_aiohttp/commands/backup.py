@@ -1,28 +1,408 @@
-"""``asgilook-aiohttp backup DEST`` and ``restore SRC``: to be written."""
+"""``asgilook-aiohttp backup DEST`` and ``restore SRC``: copy a library, while it serves.
+
+A copy is a storage directory a server can start on. It stands for the moment its index
+was snapshotted, with SQLite's online backup API, which the server's writers do not wait
+for (WAL): a committed row names a complete file, so every image acknowledged before that
+moment is in the copy. Work in progress (the journal) is left out, and so are thumbnails,
+which a server makes again on demand.
+
+Each original the snapshot names is then copied, unless the destination has it already
+(originals never change, so a second copy into the same place copies only what is new):
+read and hashed, written to the destination's ``staging/``, fsynced, read back from the
+disk and hashed again, and renamed into place. Only then is the snapshot written into the
+destination's index, in one SQLite transaction; and only after that are the files it no
+longer names removed. The destination's index names only files that are there, at every
+moment, even across a crash.
+
+An original that is gone by the time it is copied was deleted after the snapshot: the copy
+records the deletion, as the server would have. One whose bytes are not what the index
+says is left out of the copy, said on standard error, and makes the exit status 1: a
+server would send it with the wrong length and digest, and ``check`` tells the rest.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import enum
+import fcntl
+import hashlib
+import os
+import shutil
+import sqlite3
+import struct
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
+from ..storage.backends import INDEX_FILE
+from ..storage.durable import fsync_directory, move_into_place
+from ..storage.files import LocalBlobs, Placement
+from ..storage.ports import image_key
+from ..storage.scratch import Scratch
+from ..storage.sqlite import _MIGRATIONS, _is_locked
 from . import Command
+from .attached import CannotRun
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+_DOCS = "the operating guide's section on backups (docs/operating.md)"
+_COPIERS = 8
+"""Files copied at once: each mostly waits for its fsync and its read back."""
+_BATCH = 512
+_CHUNK = 1024 * 1024
+_PROGRESS_EVERY = 5.0
+_DMS_BYTE = 128
+"""The byte of the ``-shm`` file each SQLite connection to a WAL index holds a read lock
+on while it is open (its "dead man switch"): held by another process, a server."""
 
 
 def _destination(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("destination", type=Path)
+    parser.add_argument(
+        "destination",
+        type=Path,
+        help="a new or empty directory, or an earlier backup (then only new images are copied)",
+    )
 
 
 def _source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path)
+    parser.add_argument("source", type=Path, help="a backup (or any storage directory)")
 
 
 async def _back_up(config: Config, args: argparse.Namespace) -> int:
-    return 2
+    _embedded_only(config)
+    return await asyncio.to_thread(_copy_library, config.storage_path, args.destination, config)
 
 
 async def _restore(config: Config, args: argparse.Namespace) -> int:
-    return 2
+    _embedded_only(config)
+    target = config.storage_path
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CannotRun(
+            f"{target} is not empty: restore only into an empty or new storage directory "
+            f"(or start the server with --storage {args.source}, a backup being one)"
+        )
+    return await asyncio.to_thread(_copy_library, args.source, target, config, restoring=True)
+
+
+def _embedded_only(config: Config) -> None:
+    if config.shared_storage or config.blobs != "file":
+        raise CannotRun(
+            "this copies the embedded storage (--storage); with PostgreSQL and S3, dump the "
+            f"database with pg_dump, then copy the bucket: see {_DOCS}"
+        )
+
+
+class _Outcome(enum.Enum):
+    THERE = "already there"
+    COPIED = "copied"
+    GONE = "deleted after the snapshot"
+    WRONG = "not what the index says"
+    MISCOPIED = "read back from the copy, not what was written"
+
+
+@dataclass
+class _Tally:
+    checked: int = 0
+    there: int = 0
+    copied: int = 0
+    copied_bytes: int = 0
+    gone: list[str] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+    directories: set[Path] = field(default_factory=set)
+    """Whose entries changed: fsynced before the index names the files in them."""
+
+
+def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool = False) -> int:
+    started = time.monotonic()
+    source, target = source.resolve(), target.resolve()
+    _check_places(source, target)
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = Scratch(target)
+    scratch.open()
+    snapshot_path = scratch.path(".sqlite3")
+    try:
+        _snapshot(source / INDEX_FILE, snapshot_path, config.dependency_timeout)
+        with contextlib.closing(sqlite3.connect(snapshot_path, isolation_level=None)) as snapshot:
+            snapshot.execute("PRAGMA journal_mode=DELETE")
+            snapshot.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it unused
+            snapshot.executescript("BEGIN; DELETE FROM pending; DELETE FROM thumbnails; COMMIT;")
+            unnamed = _images_in(target)
+            tally = _copy_images(snapshot, source, target, scratch, unnamed)
+            _leave_out(snapshot, tally.gone + tally.wrong)
+            images, image_bytes = snapshot.execute(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
+            ).fetchone()
+            snapshot.execute(
+                "UPDATE totals SET images = ?, image_bytes = ?, thumbnail_bytes = 0",
+                (images, image_bytes),
+            )
+            with ThreadPoolExecutor(_COPIERS) as pool:
+                list(pool.map(fsync_directory, tally.directories))
+            _install(snapshot, target / INDEX_FILE, config.dependency_timeout)
+    finally:
+        snapshot_path.unlink(missing_ok=True)
+        snapshot_path.with_name(f"{snapshot_path.name}-journal").unlink(missing_ok=True)
+    for image_id in unnamed:
+        Path(_files(target)(image_id).final).unlink(missing_ok=True)
+    shutil.rmtree(target / "thumbnails", ignore_errors=True)
+    what = (
+        f"restored {images:,} images ({_size(image_bytes)}) from {source} into {target}"
+        if restoring
+        else f"backed up {images:,} images ({_size(image_bytes)}) to {target}"
+    )
+    print(
+        f"{what}: {tally.copied:,} copied ({_size(tally.copied_bytes)}), {tally.there:,} "
+        f"already there, {len(unnamed):,} removed"
+        + (f", {len(tally.gone):,} deleted meanwhile" if tally.gone else "")
+        + (f", {len(tally.wrong):,} left out (run check)" if tally.wrong else "")
+        + f", in {time.monotonic() - started:.1f} s"
+    )
+    return 1 if tally.wrong else 0
+
+
+def _check_places(source: Path, target: Path) -> None:
+    if target == source or source in target.parents:
+        raise CannotRun(
+            f"{target} is inside the library it would copy, {source}: give a directory "
+            "elsewhere, on another disk at best"
+        )
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CannotRun(f"{target} is not a directory")
+    if not (target / INDEX_FILE).is_file():
+        if any(target.iterdir()):
+            raise CannotRun(
+                f"{target} is neither empty nor a library (no {INDEX_FILE}): give a new or "
+                "empty directory, or an earlier backup"
+            )
+    elif _served(target / INDEX_FILE):
+        raise CannotRun(f"a server is running on {target}: stop it first")
+
+
+def _served(index: Path) -> bool:
+    """Whether another process has the index open in WAL mode, as a server does."""
+    try:
+        fd = os.open(f"{index}-shm", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        # struct flock: l_type, l_whence, l_start, l_len, l_pid (and padding).
+        asked = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _DMS_BYTE, 1, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, asked)
+    finally:
+        os.close(fd)
+    return bool(struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK)
+
+
+def _snapshot(index: Path, into: Path, timeout: float) -> None:
+    """Copy the live index into a new file, as of one moment; raises ``CannotRun``."""
+    if not index.is_file():
+        raise CannotRun(f"there is no library in {index.parent} (no {INDEX_FILE})")
+    try:
+        # mode=rw: never create an index where there is none.
+        uri = f"{index.as_uri()}?mode=rw"
+        with contextlib.closing(
+            sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        ) as live:
+            live.execute("PRAGMA query_only=ON")
+            (version,) = live.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                raise CannotRun(_version_problem(index, version))
+            with contextlib.closing(sqlite3.connect(into)) as copy:
+                live.backup(copy)
+    except sqlite3.OperationalError as error:
+        if not _is_locked(error):
+            raise CannotRun(f"cannot read {index}: {error}") from None
+        raise CannotRun(
+            f"{index} stayed locked for over {timeout:g} s: the server holds it to itself "
+            "while the disk is too full for the index's shared memory; free some room "
+            "(the server's /health says when it has it again), then run this again"
+        ) from None
+    except sqlite3.DatabaseError as error:
+        raise CannotRun(f"{index} is not a readable index: {error}") from None
+
+
+def _version_problem(index: Path, version: int) -> str:
+    if version == 0:
+        return f"{index} is not an index of asgilook-aiohttp (no schema)"
+    if version < SCHEMA_VERSION:
+        return (
+            f"{index} has index schema version {version}, older than this release's "
+            f"{SCHEMA_VERSION}: start this release's server on it once (that upgrades it), "
+            "or copy it with the release that wrote it"
+        )
+    return (
+        f"{index} has index schema version {version}, newer than this release's "
+        f"{SCHEMA_VERSION}: copy it with the asgilook-aiohttp release that serves it"
+    )
+
+
+def _files(root: Path) -> Callable[[str], Placement]:
+    """Where the original of an image is under ``root``, and a staging file beside it."""
+    blobs = LocalBlobs(root, Scratch(root))
+
+    def placement(image_id: str) -> Placement:
+        return blobs.destination(image_key(image_id))
+
+    return placement
+
+
+def _images_in(root: Path) -> set[str]:
+    """The ids of the originals under ``root``."""
+    found: set[str] = set()
+    for top in _directories(root / "images"):
+        for below in _directories(top):
+            with os.scandir(below) as entries:
+                found.update(
+                    entry.name.removesuffix(".jpeg")
+                    for entry in entries
+                    if entry.name.endswith(".jpeg")
+                )
+    return found
+
+
+def _directories(path: Path) -> list[Path]:
+    try:
+        with os.scandir(path) as entries:
+            return [Path(entry.path) for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _copy_images(
+    snapshot: sqlite3.Connection, source: Path, target: Path, scratch: Scratch, present: set[str]
+) -> _Tally:
+    """Copy what ``target`` lacks of the originals the snapshot names. ``present``: the ids
+    ``target`` has files for; what is left in it are those the snapshot does not name."""
+    (total,) = snapshot.execute("SELECT count(*) FROM images").fetchone()
+    originals, copies = _files(source), _files(target)
+    tally = _Tally()
+    shown = time.monotonic()
+
+    def copy(row: tuple[str, int, str, bool]) -> tuple[_Outcome, list[Path]]:
+        image_id, nbytes, sha256, known = row
+        place = copies(image_id)
+        if known and _size_of(place.final) == nbytes:
+            return _Outcome.THERE, []
+        staging = str(scratch.path(".jpeg"))
+        try:
+            outcome = _copy_file(originals(image_id).final, staging, nbytes, sha256)
+            if outcome is not _Outcome.COPIED:
+                return outcome, []
+            return outcome, move_into_place(staging, place.final)
+        finally:
+            Path(staging).unlink(missing_ok=True)
+
+    rows = snapshot.execute("SELECT id, bytes, sha256 FROM images ORDER BY seq")
+    with ThreadPoolExecutor(_COPIERS) as pool:
+        while batch := rows.fetchmany(_BATCH):
+            known = [image_id in present for image_id, _, _ in batch]
+            present.difference_update(image_id for image_id, _, _ in batch)
+            work = [(*row, here) for row, here in zip(batch, known, strict=True)]
+            for (image_id, nbytes, sha256), here, (outcome, changed) in zip(
+                batch, known, pool.map(copy, work), strict=True
+            ):
+                tally.checked += 1
+                tally.directories.update(changed)
+                if outcome is _Outcome.THERE:
+                    tally.there += 1
+                elif outcome is _Outcome.COPIED:
+                    tally.copied += 1
+                    tally.copied_bytes += nbytes
+                else:
+                    (tally.gone if outcome is _Outcome.GONE else tally.wrong).append(image_id)
+                    if here:  # a file of the earlier copy, no longer named
+                        present.add(image_id)
+                    if outcome is not _Outcome.GONE:
+                        print(
+                            f"{image_id}: {originals(image_id).final} is {outcome.value} "
+                            f"({nbytes:,} bytes, SHA-256 {sha256}): left out of the copy",
+                            file=sys.stderr,
+                        )
+            if time.monotonic() - shown >= _PROGRESS_EVERY:
+                shown = time.monotonic()
+                print(
+                    f"{tally.checked:,} of {total:,} images: {tally.copied:,} copied "
+                    f"({_size(tally.copied_bytes)}), {tally.there:,} already there",
+                    file=sys.stderr,
+                )
+    return tally
+
+
+def _size_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _copy_file(original: str, staging: str, nbytes: int, sha256: str) -> _Outcome:
+    """Copy ``original`` to ``staging``, durably, if its bytes and the copy's, read back
+    from the disk, are those the index names."""
+    read = hashlib.sha256()
+    try:
+        with open(original, "rb") as source, open(staging, "xb") as copy:
+            while chunk := source.read(_CHUNK):
+                read.update(chunk)
+                copy.write(chunk)
+            copy.flush()
+            os.fsync(copy.fileno())
+            # Its pages leave the cache, so reading it back reads what the disk holds.
+            os.posix_fadvise(copy.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            written = copy.tell()
+    except FileNotFoundError as error:
+        if error.filename != original:
+            raise
+        return _Outcome.GONE
+    if (written, read.hexdigest()) != (nbytes, sha256):
+        return _Outcome.WRONG
+    with open(staging, "rb") as copy:
+        if hashlib.file_digest(copy, "sha256").hexdigest() != sha256:
+            return _Outcome.MISCOPIED
+    return _Outcome.COPIED
+
+
+def _leave_out(snapshot: sqlite3.Connection, image_ids: list[str]) -> None:
+    """Remove images from the snapshot as a deletion would, tombstone and all."""
+    snapshot.execute("BEGIN")
+    for image_id in image_ids:
+        snapshot.execute(
+            "INSERT OR REPLACE INTO tombstones (id, seq) SELECT id, seq FROM images WHERE id = ?",
+            (image_id,),
+        )
+        snapshot.execute("DELETE FROM images WHERE id = ?", (image_id,))
+    snapshot.execute("COMMIT")
+
+
+def _install(snapshot: sqlite3.Connection, index: Path, timeout: float) -> None:
+    """Write the snapshot over ``index``, in one transaction: SQLite's own, so that an
+    index left by a crash (its WAL, say) is recovered first, not mixed with the new one."""
+    created = not index.exists()
+    try:
+        with contextlib.closing(
+            sqlite3.connect(index, timeout=timeout, isolation_level=None)
+        ) as target:
+            target.execute("PRAGMA journal_mode=WAL")
+            target.execute("PRAGMA synchronous=FULL")
+            snapshot.backup(target)
+    except sqlite3.OperationalError as error:
+        if not _is_locked(error):
+            raise
+        raise CannotRun(
+            f"{index} stayed locked for over {timeout:g} s: is a server on it?"
+        ) from None
+    if created:
+        fsync_directory(index.parent)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"
 
 
 COMMANDS = (

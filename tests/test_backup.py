@@ -1,0 +1,246 @@
+"""``backup`` copies a library while it serves, into a storage directory a server starts
+on; ``restore`` copies one into an empty storage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import re
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from asgilook_aiohttp.storage.backends import INDEX_FILE
+
+import samples
+from checks import image_file, stored_files
+from serving import ROOT, running
+
+
+async def command(*arguments: str | Path) -> tuple[int, str, str]:
+    """Run the console script; its exit status, standard output and standard error."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASGILOOK_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "asgilook_aiohttp",
+        *map(str, arguments),
+        cwd=ROOT,
+        env=clean,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def back_up(storage: Path, destination: Path) -> str:
+    status, out, err = await command("backup", "--storage", storage, destination)
+    assert status == 0, err
+    return out
+
+
+def jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    return samples.encode(samples.photo(size, seed), "JPEG", quality=90)
+
+
+async def upload(
+    session: aiohttp.ClientSession, url: str, seed: int, size: tuple[int, int] = (96, 64)
+) -> dict[str, Any]:
+    async with session.post(f"{url}/images", data=io.BytesIO(jpeg(seed, size))) as response:
+        assert response.status == 201, await response.text()
+        image: dict[str, Any] = await response.json()
+        return image
+
+
+async def served(session: aiohttp.ClientSession, url: str, image_id: str) -> bytes:
+    async with session.get(f"{url}/images/{image_id}.jpeg") as response:
+        assert response.status == 200, (image_id, response.status)
+        return await response.read()
+
+
+def assert_every_row_has_its_file_and_nothing_else(storage: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(storage / INDEX_FILE)) as db:
+        ids = [image_id for (image_id,) in db.execute("SELECT id FROM images")]
+        assert db.execute("SELECT count(*) FROM pending").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM thumbnails").fetchone() == (0,)
+        totals = db.execute("SELECT images, image_bytes, thumbnail_bytes FROM totals").fetchone()
+        counted = db.execute("SELECT count(*), sum(bytes), 0 FROM images").fetchone()
+    assert totals == counted
+    expected = {str(image_file(storage, image_id).relative_to(storage)) for image_id in ids}
+    assert set(stored_files(storage)) == expected
+    return ids
+
+
+def summary(out: str) -> dict[str, int]:
+    """The counts in the summary line: images, copied, already there, removed."""
+    match = re.fullmatch(
+        r"backed up ([\d,]+) images \(.* MB\) to .*: ([\d,]+) copied \(.* MB\), "
+        r"([\d,]+) already there, ([\d,]+) removed, in [\d.]+ s\n",
+        out,
+    )
+    assert match, out
+    images, copied, there, removed = (int(n.replace(",", "")) for n in match.groups())
+    return {"images": images, "copied": copied, "there": there, "removed": removed}
+
+
+async def test_a_backup_taken_during_a_storm_of_uploads_serves_what_was_acknowledged_before(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    source, backup = tmp_path / "storage", tmp_path / "backup"
+    acknowledged: list[tuple[float, str]] = []
+    storming = True
+    under_way = asyncio.Event()
+
+    async with running(source, "--http-processes", "2") as server:
+
+        async def uploader(number: int) -> None:
+            seed = number * 10_000
+            while storming:
+                seed += 1
+                image = await upload(session, server.url, seed)
+                acknowledged.append((time.monotonic(), image["id"]))
+                if len(acknowledged) >= 30:
+                    under_way.set()
+
+        uploaders = [asyncio.create_task(uploader(n)) for n in range(4)]
+        await under_way.wait()
+        began = time.monotonic()
+        out = await back_up(source, backup)
+        during = [image_id for at, image_id in acknowledged if at > began]
+        storming = False
+        await asyncio.gather(*uploaders)
+        before = [image_id for at, image_id in acknowledged if at < began]
+        originals = {image_id: await served(session, server.url, image_id) for image_id in before}
+
+    assert during, "no upload was acknowledged while the backup ran"
+    counts = summary(out)
+    assert counts["copied"] == counts["images"] >= len(before)
+    assert set(before) <= set(assert_every_row_has_its_file_and_nothing_else(backup))
+    async with running(backup) as copy:
+        for image_id, data in originals.items():
+            assert await served(session, copy.url, image_id) == data
+
+
+async def test_a_second_backup_copies_only_what_is_new_and_removes_what_was_deleted(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    source, backup = tmp_path / "storage", tmp_path / "backup"
+    async with running(source) as server:
+        first = [await upload(session, server.url, seed) for seed in range(5)]
+        assert summary(await back_up(source, backup)) == {
+            "images": 5,
+            "copied": 5,
+            "there": 0,
+            "removed": 0,
+        }
+        kept = [image_file(backup, image["id"]) for image in first[1:]]
+        before = [(path.stat().st_ino, path.stat().st_mtime_ns) for path in kept]
+
+        new = [await upload(session, server.url, seed) for seed in range(5, 8)]
+        gone = first[0]
+        headers = {"Authorization": f"Bearer {gone['delete_token']}"}
+        async with session.delete(f"{server.url}/images/{gone['id']}", headers=headers) as deleted:
+            assert deleted.status == 204
+        assert summary(await back_up(source, backup)) == {
+            "images": 7,
+            "copied": 3,
+            "there": 4,
+            "removed": 1,
+        }
+        async with running(backup) as copy:
+            for image in new:
+                assert await served(session, copy.url, image["id"]) == await served(
+                    session, server.url, image["id"]
+                )
+            status, _, err = await command("backup", "--storage", source, backup)
+            assert status == 2
+            assert f"a server is running on {backup}" in err
+
+    assert [(path.stat().st_ino, path.stat().st_mtime_ns) for path in kept] == before
+    assert not image_file(backup, gone["id"]).exists()
+    assert len(assert_every_row_has_its_file_and_nothing_else(backup)) == 7
+
+
+async def test_restore_into_an_empty_storage_and_only_there(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    source, backup, restored = tmp_path / "storage", tmp_path / "backup", tmp_path / "restored"
+    async with running(source) as server:
+        image = await upload(session, server.url, 1, (640, 360))
+        await thumbnail(session, server.url, image)
+        original = await served(session, server.url, image["id"])
+    await back_up(source, backup)
+    restored.mkdir()
+
+    status, out, err = await command("restore", "--storage", restored, backup)
+    assert status == 0, err
+    assert re.fullmatch(
+        rf"restored 1 images \([\d.]+ MB\) from {backup} into {restored}: 1 copied .*\n", out
+    )
+    assert_every_row_has_its_file_and_nothing_else(restored)
+    async with running(restored) as copy:
+        assert await served(session, copy.url, image["id"]) == original
+        await thumbnail(session, copy.url, image)  # made again, on demand
+
+    status, _, err = await command("restore", "--storage", source, backup)
+    assert status == 2
+    assert f"{source} is not empty" in err
+
+
+async def thumbnail(session: aiohttp.ClientSession, url: str, image: dict[str, Any]) -> None:
+    async with session.get(f"{url}{image['thumbnails'][0]}") as response:
+        assert response.status == 200
+
+
+async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) -> None:
+    empty, elsewhere = tmp_path / "empty", tmp_path / "elsewhere"
+    empty.mkdir()
+    status, out, err = await command("backup", "--storage", empty, tmp_path / "backup")
+    assert (status, out) == (2, "")
+    assert f"there is no library in {empty}" in err
+
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a library")
+    async with running(tmp_path / "storage"):
+        pass
+    status, _, err = await command("backup", "--storage", tmp_path / "storage", elsewhere)
+    assert status == 2
+    assert "neither empty nor a library" in err
+    status, _, err = await command(
+        "backup", "--storage", tmp_path / "storage", tmp_path / "storage" / "backup"
+    )
+    assert status == 2
+    assert "inside the library it would copy" in err
+
+    shared = ("--index", "postgresql://asgilook@127.0.0.1:1/asgilook", "--blobs", "s3://bucket")
+    for name in ("backup", "restore"):
+        status, out, err = await command(name, *shared, tmp_path / "backup")
+        assert (status, out) == (2, ""), err
+        assert "pg_dump" in err
+        assert "docs/operating.md" in err
+
+
+async def test_an_index_held_by_the_server_alone_is_waited_for_then_refused(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    async with running(storage):
+        pass
+    # As the server holds it on a full disk: exclusive locking mode, and a read done.
+    with contextlib.closing(sqlite3.connect(storage / INDEX_FILE)) as held:
+        held.execute("PRAGMA locking_mode=EXCLUSIVE")
+        held.execute("SELECT count(*) FROM images").fetchone()
+        status, _, err = await command(
+            "backup", "--storage", storage, "--dependency-timeout", "0.2", tmp_path / "backup"
+        )
+    assert status == 2
+    assert "the server holds it to itself while the disk is too full" in err
