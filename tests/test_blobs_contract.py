@@ -225,6 +225,30 @@ async def test_ready_when_healthy(blobs: Blobs) -> None:
     assert await blobs.problem() is None
 
 
+async def test_everything_stored_is_listed_with_its_size(blobs: Blobs) -> None:
+    sizes = {
+        image_key(IMAGE): 5,
+        thumbnail_key(IMAGE, 100, 100): 3,
+        thumbnail_key(IMAGE, 20, 10): 1,
+        image_key(OTHER): 0,
+    }
+    for key, size in sizes.items():
+        await store(blobs, key, b"x" * size)
+    listed = [stored async for batch in blobs.stored() for stored in batch]
+    assert {stored.key: stored.nbytes for stored in listed} == sizes
+    assert len(listed) == len(sizes)
+
+
+async def test_a_digest_is_the_blobs_size_and_sha256(blobs: Blobs) -> None:
+    data = some_bytes(3 * 1024 * 1024 + 17)  # several reads
+    await store(blobs, image_key(IMAGE), data)
+    assert await blobs.digest(image_key(IMAGE)) == (len(data), hashlib.sha256(data).hexdigest())
+    await store(blobs, thumbnail_key(IMAGE, 1, 1), b"")
+    assert await blobs.digest(thumbnail_key(IMAGE, 1, 1)) == (0, hashlib.sha256().hexdigest())
+    with pytest.raises(BlobMissing):
+        await blobs.digest(image_key(OTHER))
+
+
 def put_in_worker(destination: Destination, data: bytes) -> tuple[bytes | None, list[str]]:
     """What a worker process does with its destination, and which backends it imported."""
     handed_back = destination.put(data)
@@ -292,6 +316,26 @@ async def test_only_thumbnails_stay_in_the_page_cache(local: LocalBlobs, tmp_pat
     assert thumbnail.cached
     assert Path(image.staging).parent == Path(thumbnail.staging).parent == tmp_path / "staging"
     assert image.staging != thumbnail.staging
+
+
+async def test_files_no_key_names_are_listed_as_strays(local: LocalBlobs, tmp_path: Path) -> None:
+    await store(local, image_key(IMAGE), b"image")
+    strays = [
+        "images/notes.txt",
+        f"images/0b/7e/{IMAGE}.jpeg",  # in another image's directory
+        f"images/5c/fd/{IMAGE}.jpeg.part",
+        f"thumbnails/5c/fd/{IMAGE}/big.jpeg",
+        f"thumbnails/5c/fd/{IMAGE}.jpeg",
+    ]
+    for name in strays:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"??")
+    listed = {stored.name: stored async for batch in local.stored() for stored in batch}
+    assert {name: stored.key for name, stored in listed.items()} == {
+        f"images/5c/fd/{IMAGE}.jpeg": image_key(IMAGE),
+        **dict.fromkeys(strays),
+    }
+    assert listed["images/notes.txt"].nbytes == 2
 
 
 async def test_abandon_removes_what_a_failed_worker_left(local: LocalBlobs) -> None:
@@ -453,6 +497,29 @@ async def test_deleting_an_image_pages_through_its_thumbnails(
     await store(s3_blobs, thumbnail_key(OTHER, 1, 1), b"other")
     await s3_blobs.delete_image(IMAGE)
     assert await seaweedfs.keys(s3_bucket) == [PREFIX + thumbnail_key(OTHER, 1, 1)]
+
+
+async def test_objects_are_listed_a_page_at_a_time_strays_too(
+    s3_blobs: S3Blobs,
+    seaweedfs: SeaweedFS,  # noqa: F811
+    s3_bucket: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("asgilook_aiohttp.storage.s3._PAGE", 2)
+    for size in range(1, 4):
+        await store(s3_blobs, thumbnail_key(IMAGE, size, size), b"t" * size)
+    async with seaweedfs.client() as s3:
+        for name in ("images/a/b.jpeg", "notes.txt"):
+            await s3.put_object(Bucket=s3_bucket, Key=PREFIX + name, Body=b"??")
+        await s3.put_object(Bucket=s3_bucket, Key="elsewhere.jpeg", Body=b"??")
+    batches = [batch async for batch in s3_blobs.stored()]
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    listed = {stored.name: (stored.key, stored.nbytes) for batch in batches for stored in batch}
+    assert listed == {
+        "images/a/b.jpeg": (None, 2),
+        "notes.txt": (None, 2),
+        **{thumbnail_key(IMAGE, n, n): (thumbnail_key(IMAGE, n, n), n) for n in range(1, 4)},
+    }
 
 
 async def test_open_refuses_a_bucket_that_is_not_there(seaweedfs: SeaweedFS) -> None:  # noqa: F811

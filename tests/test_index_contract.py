@@ -5,6 +5,7 @@ at the end: several nodes at once, and faults answered within the timeout."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -385,6 +386,56 @@ async def test_a_healthy_index_has_no_problem(index: Index) -> None:
     assert index.name in {"SQLite", "PostgreSQL"}
 
 
+async def test_thumbnails_are_read_in_batches_in_key_order(index: Index) -> None:
+    first, second = image(2), image(1)
+    await store(index, first, second)
+    kept = [thumbnail(first, 300), thumbnail(second, 20), thumbnail(second, 100)]
+    await keep(index, *kept)
+    in_order = sorted(kept, key=lambda record: (record.image_id, record.width, record.height))
+    batch = await index.thumbnail_page(2, None)
+    assert batch == in_order[:2]
+    last = batch[-1]
+    assert await index.thumbnail_page(2, (last.image_id, last.width, last.height)) == in_order[2:]
+    assert await index.thumbnail_page(2, (kept[0].image_id, 300, 300)) == []
+
+
+async def test_journal_entries_are_listed_with_their_leases(index: Index) -> None:
+    await index.journal(["current"], A, LEASE)
+    await index.journal(["expired"], B, EXPIRED)
+    entries = {entry.key: entry for entry in await index.journaled()}
+    assert entries.keys() == {"current", "expired"}
+    assert entries["current"].owner == A
+    assert 0 < entries["current"].expires_in <= LEASE
+    assert entries["expired"].owner == B
+    assert entries["expired"].expires_in < 0
+
+
+async def test_a_sound_index_verifies(index: Index) -> None:
+    assert await index.verify() == []
+    record = image(1)
+    await store(index, record)
+    await keep(index, thumbnail(record, 100))
+    await index.delete(image(1).id, None, A, LEASE)
+    await store(index, image(2))
+    assert await index.verify() == []
+
+
+async def test_totals_that_do_not_add_up_are_found_by_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite3"
+    index = SqliteIndex(path, tmp_path / "reserve")
+    await index.open()
+    try:
+        await store(index, image(1, nbytes=700))
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE totals SET images = 5")
+        assert await index.verify() == [
+            "the totals say 5 images of 700 bytes and 0 bytes of thumbnails; the records "
+            "add up to 1 images of 700 bytes and 0 bytes of thumbnails"
+        ]
+    finally:
+        await index.close()
+
+
 async def test_a_reopened_index_has_everything(index: Index, open_index: OpenIndex) -> None:
     record = image(1, token="t" * 64)
     await store(index, record)
@@ -659,3 +710,25 @@ async def test_a_frozen_postgresql_is_unavailable_within_the_timeout(
         assert await node.problem() is None
     finally:
         await node.close()
+
+
+async def test_totals_and_numbers_that_do_not_add_up_are_found_by_postgresql(
+    postgres_url: str,
+) -> None:
+    index = postgres_index(postgres_url)
+    await index.open()
+    try:
+        await store(index, image(1, nbytes=700))
+        db = await connect(postgres_url)
+        try:
+            await db.execute("UPDATE totals SET thumbnail_bytes = 9, last_seq = 0")
+        finally:
+            await db.close()
+        assert await index.verify() == [
+            "the totals say 1 images of 700 bytes and 9 bytes of thumbnails; the records "
+            "add up to 1 images of 700 bytes and 0 bytes of thumbnails",
+            "the totals' last seq is 0, below the highest image's, 1: the next upload would "
+            "be refused",
+        ]
+    finally:
+        await index.close()

@@ -21,20 +21,30 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from .durable import place_durably
-from .ports import BlobMissing, BytesBody, Destination, FileBody, thumbnail_of
+from .ports import (
+    BlobMissing,
+    BytesBody,
+    Destination,
+    FileBody,
+    Stored,
+    blob_key,
+    thumbnail_of,
+)
 from .scratch import Scratch
 
 IN_MEMORY_BYTES = 256 * 1024
 """Bodies up to this size are read into memory and written to the socket with their
 headers; larger ones are sent from the file with sendfile."""
+_READ = 1024 * 1024
 IN_MEMORY_TOTAL = 16 * 1024 * 1024
 """What bodies read into memory may hold at once, in each process. Past it, small ones
 are sent with sendfile too: clients that stop reading must not pin the server's memory
@@ -151,6 +161,31 @@ class LocalBlobs:
             os.unlink(self._image_path(image_id))
         shutil.rmtree(self._thumbnail_directory(image_id), ignore_errors=True)
 
+    async def stored(self) -> AsyncIterator[list[Stored]]:
+        root = os.path.dirname(self._images)
+        for top in (self._images, self._thumbnails):
+            files, directories = await asyncio.to_thread(_listing, top)
+            yield self._named(root, files)
+            # One directory of the first level at a time: a batch of about 1/256th.
+            for directory in directories:
+                yield self._named(root, await asyncio.to_thread(_files_under, directory))
+
+    def _named(self, root: str, files: list[tuple[str, int]]) -> list[Stored]:
+        found = []
+        for path, nbytes in files:
+            name = os.path.relpath(path, root)
+            parts = name.split("/")
+            key = "/".join([parts[0], *parts[3:]])
+            held = len(parts) in (4, 5) and blob_key(key) and self._path(key) == path
+            found.append(Stored(name, key if held else None, nbytes))
+        return found
+
+    async def digest(self, key: str) -> tuple[int, str]:
+        try:
+            return await asyncio.to_thread(_digest, self._path(key))
+        except FileNotFoundError:
+            raise BlobMissing(key) from None
+
     def _path(self, key: str) -> str:
         if (thumbnail := thumbnail_of(key)) is not None:
             image_id, width, height = thumbnail
@@ -165,6 +200,39 @@ class LocalBlobs:
 
     def _thumbnail_directory(self, image_id: str) -> str:
         return f"{self._thumbnails}/{image_id[:2]}/{image_id[2:4]}/{_checked(image_id)}"
+
+
+def _listing(top: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """The files directly in ``top``, with their sizes, and the directories in it."""
+    files, directories = [], []
+    with contextlib.suppress(FileNotFoundError), os.scandir(top) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.path)
+                else:
+                    files.append((entry.path, entry.stat(follow_symlinks=False).st_size))
+    return files, directories
+
+
+def _files_under(directory: str) -> list[tuple[str, int]]:
+    files, directories = _listing(directory)
+    for below in directories:
+        files += _files_under(below)
+    return files
+
+
+def _digest(path: str) -> tuple[int, str]:
+    sha256 = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_READ)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while read := file.readinto(buffer):
+            sha256.update(view[:read])
+            size += read
+    return size, sha256.hexdigest()
 
 
 def _checked(image_id: str) -> str:

@@ -57,6 +57,17 @@ class Totals:
     thumbnail_bytes: int
 
 
+def totals_problem(kept: Totals, counted: Totals) -> str | None:
+    """What is wrong with the totals an index keeps, if the records add up to others."""
+    if kept == counted:
+        return None
+    return (
+        f"the totals say {kept.images} images of {kept.image_bytes} bytes and "
+        f"{kept.thumbnail_bytes} bytes of thumbnails; the records add up to {counted.images} "
+        f"images of {counted.image_bytes} bytes and {counted.thumbnail_bytes} bytes of thumbnails"
+    )
+
+
 def image_key(image_id: str) -> str:
     return f"images/{image_id}.jpeg"
 
@@ -73,6 +84,48 @@ def thumbnail_of(key: str) -> tuple[str, int, int] | None:
         return None
     width, _, height = name.removesuffix(".jpeg").partition("x")
     return image_id, int(width), int(height)
+
+
+def blob_key(name: str) -> bool:
+    """Whether ``name`` is the key of some image's or thumbnail's blob."""
+    if (thumbnail := _parsed_thumbnail(name)) is not None:
+        return thumbnail_key(*thumbnail) == name
+    prefix, _, rest = name.partition("/")
+    image_id = rest.removesuffix(".jpeg")
+    return prefix == "images" and rest.endswith(".jpeg") and _plain(image_id)
+
+
+def _parsed_thumbnail(name: str) -> tuple[str, int, int] | None:
+    try:
+        thumbnail = thumbnail_of(name)
+    except ValueError:  # a size that is no number
+        return None
+    return thumbnail if thumbnail is not None and _plain(thumbnail[0]) else None
+
+
+def _plain(image_id: str) -> bool:
+    return bool(image_id) and "/" not in image_id and not image_id.startswith(".")
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    key: str
+    owner: str | None
+    """None for an entry of a release that journaled no owners."""
+    expires_in: float
+    """Seconds until its lease expires, by the index's clock; negative once it has."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Something the blob store holds, as a listing finds it."""
+
+    name: str
+    """Where it is, for people: its path under the storage directory, or its object key
+    under the prefix."""
+    key: str | None
+    """The blob key it holds; None for a stray that no key names."""
+    nbytes: int
 
 
 class UnknownCursor(LookupError):
@@ -188,6 +241,22 @@ class Index(Protocol):
 
     async def totals(self) -> Totals: ...
 
+    # Checking the whole library, beside the nodes that serve it.
+
+    async def thumbnail_page(
+        self, limit: int, after: tuple[str, int, int] | None
+    ) -> list[ThumbnailRecord]:
+        """Up to ``limit`` thumbnail records ordered by (image id, width, height), after
+        that triple; an empty list at the end."""
+
+    async def journaled(self) -> list[JournalEntry]:
+        """Every journal entry, as it stands."""
+
+    async def verify(self) -> list[str]:
+        """What is wrong with the index itself, one sentence each, for people: its storage's
+        own integrity check, and totals that do not add up to the records'; empty if
+        nothing is. May read the whole index."""
+
 
 class Destination(Protocol):
     """Where a worker process puts the bytes it made. It is pickled into the worker."""
@@ -282,3 +351,11 @@ class Blobs(Protocol):
 
     async def delete_image(self, image_id: str) -> None:
         """Remove an image's blob and every thumbnail blob of it."""
+
+    def stored(self) -> AsyncIterator[list[Stored]]:
+        """Everything stored, in batches, strays included: a listing made as the nodes
+        go on, so a blob stored or removed meanwhile may be in it or not."""
+
+    async def digest(self, key: str) -> tuple[int, str]:
+        """The blob's size and SHA-256 (hex), read through without holding it whole nor
+        hashing on the event loop. Raises ``BlobMissing``."""

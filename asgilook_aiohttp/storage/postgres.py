@@ -32,12 +32,14 @@ import asyncpg
 from .ports import (
     Deleted,
     ImageRecord,
+    JournalEntry,
     LeaseLost,
     ThumbnailRecord,
     Totals,
     Unavailable,
     UnknownCursor,
     thumbnail_key,
+    totals_problem,
 )
 
 if TYPE_CHECKING:
@@ -159,6 +161,20 @@ AND NOT EXISTS (SELECT FROM pending WHERE pending.id = {_THUMBNAIL_KEY})
 ORDER BY last_used
 FOR UPDATE SKIP LOCKED
 """
+_COUNTED = """
+SELECT count(*), coalesce(sum(bytes), 0)::bigint,
+    (SELECT coalesce(sum(bytes), 0) FROM thumbnails)::bigint,
+    coalesce(max(seq), 0)
+FROM images
+"""
+# The indexes of this schema that a failed CREATE INDEX CONCURRENTLY (or REINDEX) left
+# unusable.
+_INVALID_INDEXES = """
+SELECT indexrelid::regclass::text FROM pg_index
+WHERE NOT indisvalid AND indrelid IN (SELECT oid FROM pg_class WHERE relname = ANY($1::text[])
+    AND relnamespace = current_schema()::regnamespace)
+"""
+_TABLES = ["images", "tombstones", "pending", "thumbnails", "totals"]
 # Candidates locked at a time; those locked and not needed stay locked until the commit.
 _EVICTION_BATCH = 32
 
@@ -544,3 +560,48 @@ class PostgresIndex:
         )
         assert row is not None
         return Totals(*row)
+
+    async def thumbnail_page(
+        self, limit: int, after: tuple[str, int, int] | None
+    ) -> list[ThumbnailRecord]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
+                "WHERE (image_id, width, height) > ($1, $2, $3) "
+                "ORDER BY image_id, width, height LIMIT $4",
+                *(after or ("", 0, 0)),
+                limit,
+            )
+        )
+        return [ThumbnailRecord(*row) for row in rows]
+
+    async def journaled(self) -> list[JournalEntry]:
+        rows = await self._run(
+            lambda db: db.fetch(
+                "SELECT id, owner, extract(epoch FROM expires - now())::float8 FROM pending"
+            )
+        )
+        return [JournalEntry(*row) for row in rows]
+
+    async def verify(self) -> list[str]:
+        async def verify(db: _Connection) -> list[str]:
+            # One snapshot: the totals and the rows they count.
+            async with db.transaction(isolation="repeatable_read", readonly=True):
+                kept = await db.fetchrow(
+                    "SELECT images, image_bytes, thumbnail_bytes, last_seq FROM totals"
+                )
+                counted = await db.fetchrow(_COUNTED)
+                invalid = await db.fetch(_INVALID_INDEXES, _TABLES)
+            assert kept is not None
+            assert counted is not None
+            problems = [f"PostgreSQL's index {name} is invalid: REINDEX it" for (name,) in invalid]
+            if wrong := totals_problem(Totals(*kept[:3]), Totals(*counted[:3])):
+                problems.append(wrong)
+            if kept[3] < counted[3]:
+                problems.append(
+                    f"the totals' last seq is {kept[3]}, below the highest image's, {counted[3]}: "
+                    "the next upload would be refused"
+                )
+            return problems
+
+        return await self._run(verify)

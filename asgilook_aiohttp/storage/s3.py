@@ -20,7 +20,16 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .ports import BlobMissing, Destination, HandBack, StreamBody, Unavailable, image_key
+from .ports import (
+    BlobMissing,
+    Destination,
+    HandBack,
+    Stored,
+    StreamBody,
+    Unavailable,
+    blob_key,
+    image_key,
+)
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
@@ -29,6 +38,8 @@ if TYPE_CHECKING:
 # The most keys S3 lists, or deletes, in one request.
 _PAGE = 1000
 _CHUNK = 256 * 1024
+# Read at a time to hash a whole object: one thread hop per MiB.
+_DIGEST_CHUNK = 1024 * 1024
 # Error codes of an object that is not there; a HEAD request's error has only the status.
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -207,6 +218,37 @@ class S3Blobs:
                 break
             after = names[-1]
         await self.delete(keys)
+
+    async def stored(self) -> AsyncIterator[list[Stored]]:
+        after = ""
+        while True:
+            async with self._guard("ListObjectsV2"):
+                listing = await self._s3.list_objects_v2(
+                    Bucket=self._bucket, Prefix=self._prefix, StartAfter=after, MaxKeys=_PAGE
+                )
+            found = listing.get("Contents", [])
+            batch = []
+            for item in found:
+                name = item["Key"].removeprefix(self._prefix)
+                batch.append(Stored(name, name if blob_key(name) else None, item["Size"]))
+            yield batch
+            if not listing.get("IsTruncated") or not found:
+                return
+            after = found[-1]["Key"]
+
+    async def digest(self, key: str) -> tuple[int, str]:
+        async with self._guard("GetObject", key):
+            response = await self._s3.get_object(Bucket=self._bucket, Key=self._prefix + key)
+        sha256 = hashlib.sha256()
+        size = 0
+        async with response["Body"] as body:
+            while True:
+                async with self._guard("GetObject", key):
+                    chunk = await body.read(_DIGEST_CHUNK)
+                if not chunk:
+                    return size, sha256.hexdigest()
+                await asyncio.to_thread(sha256.update, chunk)
+                size += len(chunk)
 
     @property
     def _s3(self) -> S3Client:

@@ -28,11 +28,19 @@ class Scratch:
     def open(self) -> None:
         """Create the directory and remove whatever processes that are gone left in it."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for entry in self.leftovers(mine=True):
+            entry.unlink(missing_ok=True)
+
+    def leftovers(self, *, mine: bool = False) -> list[Path]:
+        """What processes that are gone left in the directory (and, with ``mine``, what an
+        earlier process of this pid did)."""
+        found = []
         for entry in self.directory.iterdir():
             owner, _, _ = entry.name.partition("-")
             pid = int(owner) if owner.isdigit() else 0
-            if pid <= 0 or pid == self._pid or not _is_running(pid):
-                entry.unlink(missing_ok=True)
+            if pid <= 0 or (pid == self._pid and mine) or not _is_running(pid):
+                found.append(entry)
+        return found
 
     def path(self, suffix: str) -> Path:
         # Unique within this process, and apart from any earlier run's (swept anyway).

@@ -32,12 +32,14 @@ from ..space import Reserve, is_full, unless_full
 from .ports import (
     Deleted,
     ImageRecord,
+    JournalEntry,
     LeaseLost,
     ThumbnailRecord,
     Totals,
     Unavailable,
     UnknownCursor,
     thumbnail_key,
+    totals_problem,
 )
 
 T = TypeVar("T")
@@ -559,3 +561,43 @@ class SqliteIndex:
             return Totals(*row)
 
         return await self._call(totals)
+
+    async def thumbnail_page(
+        self, limit: int, after: tuple[str, int, int] | None
+    ) -> list[ThumbnailRecord]:
+        def page(db: sqlite3.Connection) -> list[ThumbnailRecord]:
+            rows = db.execute(
+                f"SELECT {_THUMBNAIL_COLUMNS} FROM thumbnails "
+                "WHERE (image_id, width, height) > (?, ?, ?) "
+                "ORDER BY image_id, width, height LIMIT ?",
+                (*(after or ("", 0, 0)), limit),
+            )
+            return [ThumbnailRecord(*row) for row in rows]
+
+        return await self._call(page)
+
+    async def journaled(self) -> list[JournalEntry]:
+        def journaled(db: sqlite3.Connection) -> list[JournalEntry]:
+            rows = db.execute("SELECT id, owner, expires - ? FROM pending", (time.time(),))
+            return [JournalEntry(*row) for row in rows]
+
+        return await self._call(journaled)
+
+    async def verify(self) -> list[str]:
+        def verify(db: sqlite3.Connection) -> list[str]:
+            problems = [
+                f"SQLite's integrity check: {line}"
+                for (line,) in db.execute("PRAGMA integrity_check(100)")
+                if line != "ok"
+            ]
+            with db:
+                db.execute("BEGIN")  # one snapshot: the totals and the rows they count
+                kept = db.execute("SELECT images, image_bytes, thumbnail_bytes FROM totals")
+                counted = db.execute(
+                    "SELECT count(*), coalesce(sum(bytes), 0), "
+                    "(SELECT coalesce(sum(bytes), 0) FROM thumbnails) FROM images"
+                )
+                wrong = totals_problem(Totals(*kept.fetchone()), Totals(*counted.fetchone()))
+            return problems + ([wrong] if wrong else [])
+
+        return await self._call(verify)
