@@ -9,6 +9,7 @@ from aiohttp import web
 from .caching import Pace
 from .config import Config
 from .connections import close_if_body_unread, sent_at_pace
+from .cors import Cors
 from .errors import problem_middleware
 from .gallery import add_routes as add_gallery
 from .inflight import InFlight
@@ -33,22 +34,26 @@ def create_app(config: Config) -> web.Application:
     in_flight = InFlight()
     metrics = Metrics()
     pace = Pace(config.min_body_rate, config.body_rate_window)
-    app = web.Application(
-        middlewares=[
-            in_flight.middleware,
-            sent_at_pace(pace),
-            request_id_middleware,
-            metrics.middleware,
-            problem_middleware,
-        ],
-        client_max_size=config.max_upload_bytes,
-    )
+    middlewares = [
+        in_flight.middleware,
+        sent_at_pace(pace),
+        request_id_middleware,
+        metrics.middleware,
+        problem_middleware,
+    ]
+    # Each only when configured: no cost otherwise.
+    cors = Cors(config.cors_origins) if config.cors_origins else None
+    if cors is not None:
+        middlewares.append(cors.preflight)  # refusals become problems, with an id
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_upload_bytes)
     app[CONFIG] = config
     app[SEND_PACE] = pace
     app[IN_FLIGHT] = in_flight
     app[METRICS] = metrics
     app.on_response_prepare.append(metrics.on_response_prepare)
     app.on_response_prepare.append(close_if_body_unread)
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_response_prepare)
     app.cleanup_ctx.append(_store)
     app.router.add_view("/images", ImageCollection, name="images")
     app.router.add_view(f"/images/{{image_id:{_UUID}}}.jpeg", ImageFile, name="image-file")
