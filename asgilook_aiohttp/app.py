@@ -17,6 +17,7 @@ from .keys import CONFIG, IN_FLIGHT, METRICS, SEND_PACE, STORE
 from .logs import request_id_middleware
 from .metrics import Metrics
 from .openapi import handle as openapi_document
+from .proxies import trusted_proxies
 from .store import Store
 from .views import Health, ImageCollection, ImageFile, ImageItem, Readiness, Thumbnail
 
@@ -42,6 +43,8 @@ def create_app(config: Config) -> web.Application:
         problem_middleware,
     ]
     # Each only when configured: no cost otherwise.
+    if config.trusted_proxies:
+        middlewares.insert(0, trusted_proxies(config.trusted_proxies))
     cors = Cors(config.cors_origins) if config.cors_origins else None
     if cors is not None:
         middlewares.append(cors.preflight)  # refusals become problems, with an id

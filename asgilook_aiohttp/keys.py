@@ -14,3 +14,5 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 METRICS = web.AppKey("metrics", Metrics)
 SEND_PACE = web.AppKey("send_pace", Pace)
 """The slowest a client may take what it is sent."""
+CLIENT = web.RequestKey("client", str)
+"""The client's address as a trusted proxy names it, where it differs from the peer's."""

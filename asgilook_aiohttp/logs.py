@@ -23,6 +23,8 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from .keys import CLIENT
+
 HEADER = "X-Request-ID"
 _request_id: ContextVar[str] = ContextVar("request_id", default="-")
 _SANE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -51,7 +53,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {
-            "remote": request.remote or "-",
+            # Behind a trusted proxy, the client it names (see proxies.py).
+            "remote": request.get(CLIENT) or request.remote or "-",
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
