@@ -1,0 +1,309 @@
+"""``asgilook-aiohttp check``: the operator verifies the whole library, on a library the
+real server made and the test then damaged, through the console script."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from asgilook_aiohttp.storage.backends import INDEX_FILE
+
+import samples
+from checks import image_file, index_rows
+from serving import Server, run_command, running
+
+PNG = samples.encode(samples.two_tone((640, 480)), "PNG")
+
+
+async def upload(session: aiohttp.ClientSession, server: Server) -> dict[str, Any]:
+    """An image, and its first thumbnail made."""
+    async with session.post(f"{server.url}/images", data=PNG) as response:
+        assert response.status == 201
+        created: dict[str, Any] = await response.json()
+    async with session.get(f"{server.url}{created['thumbnails'][0]}") as response:
+        assert response.status == 200
+    return created
+
+
+async def build(storage: Path, count: int) -> list[str]:
+    async with aiohttp.ClientSession() as session, running(storage) as server:
+        return [(await upload(session, server))["id"] for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A library of three images with a thumbnail each, made once by the server."""
+    storage = tmp_path_factory.mktemp("made") / "storage"
+    return storage, asyncio.run(build(storage, 3))
+
+
+@pytest.fixture
+def library(made: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of it of the test's own, to damage."""
+    storage, ids = made
+    shutil.copytree(storage, tmp_path / "storage")
+    return tmp_path / "storage", ids
+
+
+async def check(storage: Path, *flags: str) -> tuple[int, list[str]]:
+    status, out, err = await run_command("check", "--storage", str(storage), *flags)
+    assert status in (0, 1), err
+    return status, out.splitlines()
+
+
+def thumbnail_file(storage: Path, image_id: str) -> Path:
+    (found,) = (storage / "thumbnails" / image_id[:2] / image_id[2:4] / image_id).iterdir()
+    return found
+
+
+def blob_name(path: Path, storage: Path) -> str:
+    return str(path.relative_to(storage))
+
+
+def blob_files(storage: Path) -> list[str]:
+    return sorted(
+        blob_name(path, storage)
+        for top in ("images", "thumbnails")
+        for path in (storage / top).rglob("*")
+        if path.is_file()
+    )
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def test_a_healthy_library_exits_0(library: tuple[Path, list[str]]) -> None:
+    storage, _ = library
+    status, lines = await check(storage)
+    assert status == 0
+    assert len(lines) == 1
+    assert lines[0].startswith(f"checked the library in {storage}: 3 images, 3 thumbnails, ")
+    assert lines[0].endswith("; no problems")
+
+    status, out, _ = await run_command("check", "--storage", str(storage), "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert document["library"] == f"the library in {storage}"
+    assert document["checked"]["images"] == 3
+    assert document["checked"]["thumbnails"] == 3
+    assert document["checked"]["blobs"] == 6
+    sizes = [path.stat().st_size for path in storage.glob("*s/*/*/**/*.jpeg")]
+    assert document["checked"]["bytes"] == sum(sizes)
+    assert document["problems"] == document["repaired"] == []
+
+
+def damage(storage: Path, ids: list[str], dead_pid: int) -> dict[str, str]:
+    """Every kind of damage but the index's own; the lines each one is reported by."""
+    missing, altered, grown = ids
+    image_file(storage, missing).unlink()
+    altered_file = image_file(storage, altered)
+    data = bytearray(altered_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered_file.write_bytes(data)
+    grown_file = image_file(storage, grown)
+    grown_file.write_bytes(grown_file.read_bytes() + b"more")
+    lost_thumbnail = thumbnail_file(storage, altered)
+    lost_thumbnail.unlink()
+
+    unnamed_image = image_file(storage, str(uuid.uuid4()))
+    unnamed_image.parent.mkdir(parents=True, exist_ok=True)
+    unnamed_image.write_bytes(b"an image no record names")
+    unnamed_thumbnail = thumbnail_file(storage, grown).with_name("7x7.jpeg")
+    unnamed_thumbnail.write_bytes(b"a thumbnail no record names")
+    (storage / "images/notes.txt").write_text("the operator's")
+    (storage / f"staging/{dead_pid}-0-0.upload").write_bytes(b"half an upload")
+    undone = str(uuid.uuid4())  # an upload whose node stopped before its record
+    image_file(storage, undone).parent.mkdir(parents=True, exist_ok=True)
+    image_file(storage, undone).write_bytes(b"an upload never finished")
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        db.execute("INSERT INTO pending (id, owner, expires) VALUES (?, 'gone', 1)", (undone,))
+        rows = dict(db.execute("SELECT id, sha256 FROM images"))
+        (size,) = db.execute("SELECT bytes FROM images WHERE id = ?", (grown,)).fetchone()
+    db.close()
+    thumbnail = lost_thumbnail.stem
+    return {
+        "missing": f"image {missing}: its blob images/{missing}.jpeg is missing",
+        "wrong-sha256": f"image {altered}: its blob's SHA-256 is "
+        f"{hashlib.sha256(data).hexdigest()}, the record says {rows[altered]}",
+        "wrong-size": f"image {grown}: its blob holds {size + 4} bytes, the record says {size}",
+        "thumbnail": f"thumbnail {thumbnail} of image {altered}: its blob "
+        f"thumbnails/{altered}/{thumbnail}.jpeg is missing",
+        "unnamed-image": f"{blob_name(unnamed_image, storage)}: no record names this blob",
+        "unnamed-thumbnail": f"{blob_name(unnamed_thumbnail, storage)}: no record names this blob",
+        "stray": "images/notes.txt: not a blob of this library: no key names it",
+        "staging": f"staging/{dead_pid}-0-0.upload: left by a process that is gone",
+        "expired": f"journal entry {undone}: work journaled by node gone whose lease expired ",
+    }
+
+
+# What a repair removes: blobs no record names, and a process's leftover.
+REMOVED = ("unnamed-image", "unnamed-thumbnail", "staging")
+
+
+def subject(line: str) -> str:
+    return line.partition(": ")[0]
+
+
+def reported(lines: list[str], expected: str) -> bool:
+    return any(line.startswith(expected) for line in lines)
+
+
+async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
+    library: tuple[Path, list[str]], dead_pid: int
+) -> None:
+    storage, ids = library
+    expected = damage(storage, ids, dead_pid)
+    status, lines = await check(storage)
+    assert status == 1
+    for line in expected.values():
+        assert reported(lines, line), (line, lines)
+    assert len(lines) == len(expected) + 1
+    assert lines[-1].endswith(f"; {len(expected)} problems")
+    kept = blob_files(storage)
+
+    status, lines = await check(storage, "--repair")
+    assert status == 1
+    repaired = [line for line in lines if line.startswith("repaired: ")]
+    assert sorted(repaired) == sorted(
+        [
+            *(f"repaired: {subject(expected[kind])}: removed" for kind in REMOVED),
+            f"repaired: {subject(expected['expired'])}: taken over and undone",
+        ]
+    )
+    assert lines[-1].endswith(f"; {len(expected)} problems, 4 repaired")
+
+    status, lines = await check(storage)
+    assert status == 1
+    unrepairable = ["missing", "wrong-sha256", "wrong-size", "thumbnail", "stray"]
+    assert sorted(lines[:-1]) == sorted(expected[kind] for kind in unrepairable)
+    # The records, and every file a record names, damaged or not, are there still.
+    assert index_rows(storage) == (3, 0)
+    removed = {subject(expected[kind]) for kind in ("unnamed-image", "unnamed-thumbnail")}
+    undone = subject(expected["expired"]).removeprefix("journal entry ")
+    left = [name for name in kept if name not in removed and undone not in name]
+    assert blob_files(storage) == left
+    assert len(left) == len(kept) - 3
+    assert list((storage / "staging").iterdir()) == []
+
+
+async def test_repair_as_json(library: tuple[Path, list[str]], dead_pid: int) -> None:
+    storage, ids = library
+    expected = damage(storage, ids, dead_pid)
+    status, out, _ = await run_command("check", "--storage", str(storage), "--repair", "--json")
+    assert status == 1
+    document = json.loads(out)
+    kinds = sorted(problem["kind"] for problem in document["problems"])
+    assert kinds == sorted(
+        [
+            "missing",
+            "missing",
+            "wrong-sha256",
+            "wrong-size",
+            "unnamed-blob",
+            "unnamed-blob",
+            "stray",
+            "staging-leftover",
+            "expired-work",
+        ]
+    )
+    (missing,) = [p for p in document["problems"] if p["key"] == f"image {ids[0]}"]
+    assert missing == {
+        "kind": "missing",
+        "key": f"image {ids[0]}",
+        "id": ids[0],
+        "detail": expected["missing"].partition(": ")[2],
+    }
+    assert sorted(done["detail"] for done in document["repaired"]) == [
+        "removed",
+        "removed",
+        "removed",
+        "taken over and undone",
+    ]
+    assert document["seconds"] >= 0
+
+
+async def test_a_damaged_index_is_reported(library: tuple[Path, list[str]]) -> None:
+    storage, ids = library
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("UPDATE totals SET images = 4")
+        (page,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_images_1'"
+        ).fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        db.commit()
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    # One image's id, as its id index holds it, made another's.
+    content = bytearray((storage / INDEX_FILE).read_bytes())
+    at = content.index(ids[1].encode(), (page - 1) * page_size)
+    content[at : at + 8] = b"ffffffff"
+    (storage / INDEX_FILE).write_bytes(content)
+
+    status, lines = await check(storage)
+    assert status == 1
+    assert reported(lines, "the index (SQLite): SQLite's integrity check: ")
+    assert reported(lines, "the index (SQLite): the totals say 4 images of ")
+
+    # A damaged index may miss records: nothing it calls left over is removed.
+    unnamed = image_file(storage, str(uuid.uuid4()))
+    unnamed.parent.mkdir(parents=True, exist_ok=True)
+    unnamed.write_bytes(b"an image no record names")
+    status, lines = await check(storage, "--repair")
+    assert status == 1
+    assert reported(lines, f"{blob_name(unnamed, storage)}: no record names this blob")
+    assert not reported(lines, "repaired: ")
+    assert lines[-1].endswith("; the index failed its own check, so nothing was repaired")
+    assert unnamed.exists()
+
+
+async def test_a_directory_without_a_library_cannot_be_checked(tmp_path: Path) -> None:
+    status, _, err = await run_command("check", "--storage", str(tmp_path / "nothing"))
+    assert status == 2
+    assert f"there is no library in {tmp_path / 'nothing'}" in err
+
+
+async def test_a_check_while_the_server_works_finds_nothing_wrong(
+    library: tuple[Path, list[str]],
+) -> None:
+    storage, _ = library
+    async with aiohttp.ClientSession() as session, running(storage) as server:
+        stop = asyncio.Event()
+
+        async def work() -> int:
+            done = 0
+            while not stop.is_set():
+                created = await upload(session, server)
+                async with session.delete(
+                    f"{server.url}/images/{created['id']}",
+                    headers={"Authorization": f"Bearer {created['delete_token']}"},
+                ) as response:
+                    assert response.status == 204
+                await upload(session, server)
+                done += 1
+            return done
+
+        working = [asyncio.create_task(work()) for _ in range(3)]
+        try:
+            for _ in range(3):
+                status, lines = await check(storage)
+                assert status == 0, lines
+        finally:
+            stop.set()
+            rounds = await asyncio.gather(*working)
+        assert sum(rounds) >= 3
