@@ -3,12 +3,23 @@
 Each request gets an id, the client's ``X-Request-ID`` when it sent a sane one, else a new
 one. It is echoed in the response and set in a context variable, so every log line written
 while serving the request, from any module, carries it.
+
+Under systemd, with standard error connected to the journal, each line starts with its
+syslog priority (``<3>`` for an error), which journald takes as the entry's priority, and
+a text record of several lines (a traceback) is folded into one line, so that it stays one
+entry: a backslash is written ``\\\\`` and a line break ``\\n``. Lines stay on the stream
+systemd gave, rather than going as datagrams in journald's native protocol (which keeps
+line breaks): that protocol's socket is a fixed path, which no test could stand in for,
+and datagrams would not keep their order with what else reaches standard error (a
+crash's traceback, say). A line longer than journald's ``LineMax=`` (48 KiB by default)
+is still split into several entries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import sys
@@ -160,6 +171,48 @@ _clock = time.monotonic
 _MOST_KINDS = 1000
 
 
+class _JournalLines(logging.Formatter):
+    """A line for journald's stream protocol: the record's syslog priority first, and
+    nothing after a line break, which would begin another entry."""
+
+    def __init__(self, formatter: logging.Formatter, *, fold: bool) -> None:
+        super().__init__()
+        self._formatter = formatter
+        self._fold = fold
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self._formatter.format(record)
+        if self._fold:
+            line = fold(line)
+        return f"<{_priority(record.levelno)}>{line}"
+
+
+def fold(text: str) -> str:
+    """``text`` on one line; undone by reading ``\\\\`` as a backslash and ``\\n`` as a line
+    break, from left to right."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+
+
+def _priority(level: int) -> int:
+    return next((priority for least, priority in _PRIORITIES if level >= least), _DEBUG_PRIORITY)
+
+
+def stderr_is_journal() -> bool:
+    """Whether standard error is the journal's stream: systemd says so by naming its
+    device and inode in ``JOURNAL_STREAM``, which a redirection of standard error (by a
+    shell the service runs, say) leaves behind, pointing elsewhere."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        status = os.fstat(2)
+        return (int(device), int(inode)) == (status.st_dev, status.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
 def configure(log_format: str, level: str = "info") -> None:
     """Send ``level`` and above to standard error, as text or as JSON lines."""
     # Neither format shows the process, the thread or the calling line: a record need
@@ -170,10 +223,17 @@ def configure(log_format: str, level: str = "info") -> None:
     handler.addFilter(_ClientFaults())
     handler.addFilter(_Throttle())
     handler.addFilter(_RequestIdFilter())
+    journal = stderr_is_journal()
+    formatter: logging.Formatter
     if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        # JSON keeps its time, so that its fields are the same wherever it goes; a line
+        # break in it is escaped already.
+        formatter = _JsonFormatter()
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+        # journald stamps each entry with the time it arrived: no need to write another.
+        stamp = "" if journal else "%(asctime)s "
+        formatter = logging.Formatter(f"{stamp}%(levelname)s %(name)s [%(request_id)s] %(message)s")
+    handler.setFormatter(
+        _JournalLines(formatter, fold=log_format != "json") if journal else formatter
+    )
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
