@@ -20,6 +20,7 @@ from asgilook_aiohttp.storage.backends import INDEX_FILE
 
 import samples
 from checks import image_file, index_rows
+from cluster import Library
 from serving import Server, run_command, running
 
 PNG = samples.encode(samples.two_tone((640, 480)), "PNG")
@@ -48,7 +49,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
 
 
 @pytest.fixture
-def library(made: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
+def embedded(made: tuple[Path, list[str]], tmp_path: Path) -> tuple[Path, list[str]]:
     """A copy of it of the test's own, to damage."""
     storage, ids = made
     shutil.copytree(storage, tmp_path / "storage")
@@ -87,8 +88,8 @@ def dead_pid() -> int:
     return process.pid
 
 
-async def test_a_healthy_library_exits_0(library: tuple[Path, list[str]]) -> None:
-    storage, _ = library
+async def test_a_healthy_library_exits_0(embedded: tuple[Path, list[str]]) -> None:
+    storage, _ = embedded
     status, lines = await check(storage)
     assert status == 0
     assert len(lines) == 1
@@ -164,9 +165,9 @@ def reported(lines: list[str], expected: str) -> bool:
 
 
 async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
-    library: tuple[Path, list[str]], dead_pid: int
+    embedded: tuple[Path, list[str]], dead_pid: int
 ) -> None:
-    storage, ids = library
+    storage, ids = embedded
     expected = damage(storage, ids, dead_pid)
     status, lines = await check(storage)
     assert status == 1
@@ -201,8 +202,8 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
     assert list((storage / "staging").iterdir()) == []
 
 
-async def test_repair_as_json(library: tuple[Path, list[str]], dead_pid: int) -> None:
-    storage, ids = library
+async def test_repair_as_json(embedded: tuple[Path, list[str]], dead_pid: int) -> None:
+    storage, ids = embedded
     expected = damage(storage, ids, dead_pid)
     status, out, _ = await run_command("check", "--storage", str(storage), "--repair", "--json")
     assert status == 1
@@ -237,8 +238,8 @@ async def test_repair_as_json(library: tuple[Path, list[str]], dead_pid: int) ->
     assert document["seconds"] >= 0
 
 
-async def test_a_damaged_index_is_reported(library: tuple[Path, list[str]]) -> None:
-    storage, ids = library
+async def test_a_damaged_index_is_reported(embedded: tuple[Path, list[str]]) -> None:
+    storage, ids = embedded
     with sqlite3.connect(storage / INDEX_FILE) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         db.execute("UPDATE totals SET images = 4")
@@ -279,9 +280,9 @@ async def test_a_directory_without_a_library_cannot_be_checked(tmp_path: Path) -
 
 
 async def test_a_check_while_the_server_works_finds_nothing_wrong(
-    library: tuple[Path, list[str]],
+    embedded: tuple[Path, list[str]],
 ) -> None:
-    storage, _ = library
+    storage, _ = embedded
     async with aiohttp.ClientSession() as session, running(storage) as server:
         stop = asyncio.Event()
 
@@ -307,3 +308,37 @@ async def test_a_check_while_the_server_works_finds_nothing_wrong(
             stop.set()
             rounds = await asyncio.gather(*working)
         assert sum(rounds) >= 3
+
+
+async def test_a_shared_library_is_checked_through_postgresql_and_the_object_store(
+    library: Library, tmp_path: Path
+) -> None:
+    node = await library.start_node(tmp_path / "node", "--http-processes", "1")
+    async with aiohttp.ClientSession() as session:
+        ids = [(await upload(session, node))["id"] for _ in range(2)]
+    flags = ("--storage", str(tmp_path / "operator"), *library.flags())
+    status, out, err = await run_command("check", *flags, env=library.env())
+    assert status == 0, err
+    assert out.startswith(f"checked the index at {library.index} with the blobs in ")
+    assert ": 2 images, 2 thumbnails, 4 blobs stored, " in out
+
+    unnamed = f"images/{uuid.uuid4()}.jpeg"
+    async with library.seaweedfs.client() as s3:
+        for name in (unnamed, "notes.txt"):
+            await s3.put_object(Bucket=library.bucket, Key=f"library/{name}", Body=b"??")
+        await s3.delete_object(Bucket=library.bucket, Key=f"library/images/{ids[0]}.jpeg")
+    expected = [
+        f"image {ids[0]}: its blob images/{ids[0]}.jpeg is missing",
+        "notes.txt: not a blob of this library: no key names it",
+        f"{unnamed}: no record names this blob",
+    ]
+    status, out, err = await run_command("check", *flags, env=library.env())
+    assert status == 1, err
+    assert sorted(out.splitlines()[:-1]) == sorted(expected)
+
+    status, out, err = await run_command("check", "--repair", *flags, env=library.env())
+    assert status == 1, err
+    assert f"repaired: {unnamed}: removed" in out.splitlines()
+    assert unnamed not in await library.object_keys()
+    status, out, err = await run_command("check", *flags, env=library.env())
+    assert sorted(out.splitlines()[:-1]) == sorted(expected[:2])
