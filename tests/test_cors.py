@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import test_gallery
+from aiohttp import web
+from playwright.async_api import Browser
+from playwright.async_api import Error as PlaywrightError
+from pytest_aiohttp import AiohttpServer
 
 import samples
 from checks import Client, ClientFactory, assert_problem
+from serving import start_server
 
 PAGE = "https://photos.example.org"
+browser = test_gallery.browser  # the fixture: Debian's Chromium, or a skip
 UUID = "5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c"
 
 
@@ -162,3 +172,67 @@ async def test_off_by_default(client: Client) -> None:
     )
     await assert_problem(response, 405)
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+# In a browser: a page on another origin calls the API of a real server.
+
+
+@pytest.fixture
+async def page_origin(aiohttp_server: AiohttpServer) -> str:
+    """An origin of its own (another port on loopback) with an empty page."""
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(
+            text="<!doctype html><title>elsewhere</title>", content_type="text/html"
+        )
+
+    app = web.Application()
+    app.router.add_get("/", empty)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+# The page uploads with a header that needs a preflight, reads the headers an API client
+# reads, reads a problem, then deletes with its token.
+_CALLS = """async (api) => {
+    const png = Uint8Array.from(atob(%r), (c) => c.charCodeAt(0));
+    const upload = await fetch(api + "/images", {
+        method: "POST", body: png, headers: {"X-Request-ID": "from-the-page"}});
+    const image = await upload.json();
+    const missing = await fetch(api + "/images/%s", {headers: {"If-None-Match": '"x"'}});
+    const gone = await fetch(api + "/images/" + image.id, {
+        method: "DELETE", headers: {"Authorization": "Bearer " + image.delete_token}});
+    return {
+        status: upload.status,
+        location: upload.headers.get("Location"),
+        requestId: upload.headers.get("X-Request-ID"),
+        missing: missing.status,
+        problem: (await missing.json()).type,
+        deleted: gone.status,
+    };
+}"""
+
+
+async def test_a_page_on_an_allowed_origin_calls_the_api_in_a_browser(
+    browser: Browser, page_origin: str, tmp_path: Path
+) -> None:
+    calls = _CALLS % (base64.b64encode(samples.small_png()).decode(), UUID)
+    allowed = await start_server(tmp_path / "allowed", "--cors-origin", page_origin)
+    closed = await start_server(tmp_path / "closed")
+    page = await browser.new_page()
+    try:
+        await page.goto(page_origin)
+        answers = await page.evaluate(calls, allowed.url)
+        assert answers["status"] == 201
+        assert answers["location"].startswith("/images/")
+        assert answers["requestId"] == "from-the-page"
+        assert answers["missing"] == 404
+        assert answers["problem"] == "about:blank"
+        assert answers["deleted"] == 204
+        with pytest.raises(PlaywrightError, match="Failed to fetch"):
+            await page.evaluate(calls, closed.url)
+    finally:
+        await page.close()
+        for server in (allowed, closed):
+            server.signal(signal.SIGTERM)
+            assert await server.exit_code() == 0
