@@ -42,7 +42,9 @@ class Malformed(ValueError):
 def trusted_proxies(trusted: Sequence[str]) -> Middleware:
     """A middleware that finds the client of each request a proxy in ``trusted``
     (networks, and ``unix`` for the Unix socket's peers) passed on."""
-    networks = tuple(ipaddress.ip_network(entry) for entry in trusted if entry != UNIX_PEERS)
+    networks = tuple(
+        _unmapped_network(ipaddress.ip_network(entry)) for entry in trusted if entry != UNIX_PEERS
+    )
     unix = UNIX_PEERS in trusted
 
     def is_trusted(address: Address) -> bool:
@@ -140,6 +142,17 @@ def _address(text: str) -> Address:
     except ValueError:
         raise Malformed(f"not an address: {text!r}") from None
     return _unmapped(address)
+
+
+def _unmapped_network(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """IPv4 addresses written as IPv6 ones (as the access log shows peers on a socket
+    systemd opened for both) as the IPv4 network they are, as peers are compared."""
+    mapped = network.network_address
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped and network.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
 
 
 def _unmapped(address: Address) -> Address:

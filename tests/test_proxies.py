@@ -121,6 +121,12 @@ async def test_headers_that_cannot_be_read_leave_the_peer(start: Start) -> None:
         assert await logged.remote(headers) == "127.0.0.1", headers
 
 
+async def test_a_proxy_named_as_an_ipv4_mapped_address(start: Start) -> None:
+    # As the log shows an IPv4 peer on a socket for both, which systemd may pass.
+    logged = await start("--trusted-proxy", "::ffff:127.0.0.0/104")
+    assert await logged.remote({"X-Forwarded-For": "::ffff:203.0.113.9"}) == "203.0.113.9"
+
+
 async def test_headers_from_a_peer_not_trusted_are_ignored(start: Start) -> None:
     logged = await start("--trusted-proxy", "10.0.0.0/8")
     assert await logged.remote({"X-Forwarded-For": "203.0.113.9"}) == "127.0.0.1"
