@@ -86,7 +86,7 @@ def find_client(request: web.BaseRequest, is_trusted: TrustTest) -> str | None:
         if not is_trusted(node):
             return str(node)
     # Proxies all the way: the one farthest from here is as near the client as is known.
-    return str(nodes[0]) if nodes and nodes[0] is not None else None
+    return str(nodes[0]) if nodes else None
 
 
 def forwarded_for(header: str) -> Iterator[Address | None]:
