@@ -8,6 +8,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import sqlite3
 import sys
 import time
@@ -195,6 +196,45 @@ async def test_restore_into_an_empty_storage_and_only_there(
     assert status == 2
     assert f"{source} is not empty" in err
 
+    # What a restore interrupted before its index was written leaves, the next one keeps.
+    shutil.rmtree(restored)
+    restored.mkdir()
+    (restored / "staging").mkdir()
+    copy_path = image_file(restored, image["id"])
+    copy_path.parent.mkdir(parents=True)
+    shutil.copy(image_file(backup, image["id"]), copy_path)
+    status, out, err = await command("restore", "--storage", restored, backup)
+    assert status == 0, err
+    assert ": 0 copied (0.0 MB), 1 already there, 0 removed" in out
+
+
+async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    source, backup = tmp_path / "storage", tmp_path / "backup"
+    async with running(source) as server:
+        good, damaged, lost = [await upload(session, server.url, seed) for seed in range(3)]
+        kept = await served(session, server.url, good["id"])
+    path = image_file(source, damaged["id"])
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(data)
+    image_file(source, lost["id"]).unlink()
+
+    status, out, err = await command("backup", "--storage", source, backup)
+    assert status == 1
+    assert re.fullmatch(
+        r"backed up 1 images .*: 1 copied .*, 0 removed, 2 left out \(run check\), in .*\n", out
+    )
+    assert f"{damaged['id']}: {path} is not what the index says" in err
+    assert f"{lost['id']}: " in err
+    assert "is missing, while the library still has its row" in err
+    assert assert_every_row_has_its_file_and_nothing_else(backup) == [good["id"]]
+    async with running(backup) as copy:
+        assert await served(session, copy.url, good["id"]) == kept
+        async with session.get(f"{copy.url}/images/{damaged['id']}.jpeg") as response:
+            assert response.status == 404
+
 
 async def thumbnail(session: aiohttp.ClientSession, url: str, image: dict[str, Any]) -> None:
     async with session.get(f"{url}{image['thumbnails'][0]}") as response:
@@ -220,6 +260,14 @@ async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) 
     )
     assert status == 2
     assert "inside the library it would copy" in err
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "storage" / INDEX_FILE)) as db:
+        db.execute("PRAGMA user_version = 3")
+    status, _, err = await command("backup", "--storage", tmp_path / "storage", empty)
+    assert status == 2
+    assert "has index schema version 3, older than this release's" in err
+    assert "start this release's server on it once" in err
+    assert not any(empty.iterdir())
 
     shared = ("--index", "postgresql://asgilook@127.0.0.1:1/asgilook", "--blobs", "s3://bucket")
     for name in ("backup", "restore"):

@@ -34,7 +34,7 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ _COPIERS = 8
 _BATCH = 512
 _CHUNK = 1024 * 1024
 _PROGRESS_EVERY = 5.0
+_FIRST_COPY_LEFT = ("images", "staging")
 _DMS_BYTE = 128
 """The byte of the ``-shm`` file each SQLite connection to a WAL index holds a read lock
 on while it is open (its "dead man switch"): held by another process, a server."""
@@ -81,7 +82,7 @@ async def _back_up(config: Config, args: argparse.Namespace) -> int:
 async def _restore(config: Config, args: argparse.Namespace) -> int:
     _embedded_only(config)
     target = config.storage_path
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and (not target.is_dir() or not _empty(target)):
         raise CannotRun(
             f"{target} is not empty: restore only into an empty or new storage directory "
             f"(or start the server with --storage {args.source}, a backup being one)"
@@ -103,6 +104,7 @@ class _Outcome(enum.Enum):
     GONE = "deleted after the snapshot"
     WRONG = "not what the index says"
     MISCOPIED = "read back from the copy, not what was written"
+    LOST = "missing, while the library still has its row"
 
 
 @dataclass
@@ -121,34 +123,50 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
     started = time.monotonic()
     source, target = source.resolve(), target.resolve()
     _check_places(source, target)
-    target.mkdir(parents=True, exist_ok=True)
-    scratch = Scratch(target)
-    scratch.open()
-    snapshot_path = scratch.path(".sqlite3")
-    try:
-        _snapshot(source / INDEX_FILE, snapshot_path, config.dependency_timeout)
-        with contextlib.closing(sqlite3.connect(snapshot_path, isolation_level=None)) as snapshot:
-            snapshot.execute("PRAGMA journal_mode=DELETE")
-            snapshot.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it unused
-            snapshot.executescript("BEGIN; DELETE FROM pending; DELETE FROM thumbnails; COMMIT;")
-            unnamed = _images_in(target)
-            tally = _copy_images(snapshot, source, target, scratch, unnamed)
-            _leave_out(snapshot, tally.gone + tally.wrong)
-            images, image_bytes = snapshot.execute(
-                "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
-            ).fetchone()
-            snapshot.execute(
-                "UPDATE totals SET images = ?, image_bytes = ?, thumbnail_bytes = 0",
-                (images, image_bytes),
-            )
-            with ThreadPoolExecutor(_COPIERS) as pool:
-                list(pool.map(fsync_directory, tally.directories))
-            _install(snapshot, target / INDEX_FILE, config.dependency_timeout)
-    finally:
-        snapshot_path.unlink(missing_ok=True)
-        snapshot_path.with_name(f"{snapshot_path.name}-journal").unlink(missing_ok=True)
+    index, timeout = source / INDEX_FILE, config.dependency_timeout
+    with contextlib.closing(_open_live(index, timeout)) as live:
+
+        def still_indexed(image_id: str) -> bool:
+            with _reading(index, timeout):
+                row = live.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
+            return row is not None
+
+        target.mkdir(parents=True, exist_ok=True)
+        scratch = Scratch(target)
+        scratch.open()
+        snapshot_path = scratch.path(".sqlite3")
+        try:
+            with contextlib.closing(
+                sqlite3.connect(snapshot_path, isolation_level=None)
+            ) as snapshot:
+                with _reading(index, timeout):
+                    live.backup(snapshot)
+                snapshot.execute("PRAGMA journal_mode=DELETE")
+                snapshot.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it unused
+                snapshot.executescript(
+                    "BEGIN; DELETE FROM pending; DELETE FROM thumbnails; COMMIT;"
+                )
+                unnamed = _images_in(target)
+                tally = _copy_images(
+                    snapshot, source, target, scratch, unnamed, still_indexed=still_indexed
+                )
+                _leave_out(snapshot, tally.gone + tally.wrong)
+                images, image_bytes = snapshot.execute(
+                    "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
+                ).fetchone()
+                snapshot.execute(
+                    "UPDATE totals SET images = ?, image_bytes = ?, thumbnail_bytes = 0",
+                    (images, image_bytes),
+                )
+                with ThreadPoolExecutor(_COPIERS) as pool:
+                    list(pool.map(fsync_directory, tally.directories))
+                _install(snapshot, target / INDEX_FILE, timeout)
+        finally:
+            snapshot_path.unlink(missing_ok=True)
+            snapshot_path.with_name(f"{snapshot_path.name}-journal").unlink(missing_ok=True)
+    copies = _files(target)
     for image_id in unnamed:
-        Path(_files(target)(image_id).final).unlink(missing_ok=True)
+        Path(copies(image_id).final).unlink(missing_ok=True)
     shutil.rmtree(target / "thumbnails", ignore_errors=True)
     what = (
         f"restored {images:,} images ({_size(image_bytes)}) from {source} into {target}"
@@ -176,13 +194,21 @@ def _check_places(source: Path, target: Path) -> None:
     if not target.is_dir():
         raise CannotRun(f"{target} is not a directory")
     if not (target / INDEX_FILE).is_file():
-        if any(target.iterdir()):
+        if not _empty(target):
             raise CannotRun(
                 f"{target} is neither empty nor a library (no {INDEX_FILE}): give a new or "
                 "empty directory, or an earlier backup"
             )
     elif _served(target / INDEX_FILE):
         raise CannotRun(f"a server is running on {target}: stop it first")
+
+
+def _empty(directory: Path) -> bool:
+    """Whether ``directory`` has no library, nor anything else but what a first copy into
+    it that was interrupted left: that copy's files, kept by the next one."""
+    return not (directory / INDEX_FILE).exists() and all(
+        entry.name in _FIRST_COPY_LEFT for entry in directory.iterdir()
+    )
 
 
 def _served(index: Path) -> bool:
@@ -200,22 +226,32 @@ def _served(index: Path) -> bool:
     return bool(struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK)
 
 
-def _snapshot(index: Path, into: Path, timeout: float) -> None:
-    """Copy the live index into a new file, as of one moment; raises ``CannotRun``."""
+def _open_live(index: Path, timeout: float) -> sqlite3.Connection:
+    """The library's index, open to read, if this release reads it; raises ``CannotRun``."""
     if not index.is_file():
         raise CannotRun(f"there is no library in {index.parent} (no {INDEX_FILE})")
-    try:
+    with _reading(index, timeout):
         # mode=rw: never create an index where there is none.
-        uri = f"{index.as_uri()}?mode=rw"
-        with contextlib.closing(
-            sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
-        ) as live:
+        live = sqlite3.connect(
+            f"{index.as_uri()}?mode=rw", uri=True, timeout=timeout, isolation_level=None
+        )
+        try:
             live.execute("PRAGMA query_only=ON")
             (version,) = live.execute("PRAGMA user_version").fetchone()
-            if version != SCHEMA_VERSION:
-                raise CannotRun(_version_problem(index, version))
-            with contextlib.closing(sqlite3.connect(into)) as copy:
-                live.backup(copy)
+        except BaseException:
+            live.close()
+            raise
+    if version != SCHEMA_VERSION:
+        live.close()
+        raise CannotRun(_version_problem(index, version))
+    return live
+
+
+@contextlib.contextmanager
+def _reading(index: Path, timeout: float) -> Iterator[None]:
+    """Say why the library's index could not be read, as ``CannotRun``."""
+    try:
+        yield
     except sqlite3.OperationalError as error:
         if not _is_locked(error):
             raise CannotRun(f"cannot read {index}: {error}") from None
@@ -276,10 +312,17 @@ def _directories(path: Path) -> list[Path]:
 
 
 def _copy_images(
-    snapshot: sqlite3.Connection, source: Path, target: Path, scratch: Scratch, present: set[str]
+    snapshot: sqlite3.Connection,
+    source: Path,
+    target: Path,
+    scratch: Scratch,
+    present: set[str],
+    *,
+    still_indexed: Callable[[str], bool],
 ) -> _Tally:
     """Copy what ``target`` lacks of the originals the snapshot names. ``present``: the ids
-    ``target`` has files for; what is left in it are those the snapshot does not name."""
+    ``target`` has files for; what is left in it are those the snapshot does not name.
+    ``still_indexed``: whether the library has a row for an image now."""
     (total,) = snapshot.execute("SELECT count(*) FROM images").fetchone()
     originals, copies = _files(source), _files(target)
     tally = _Tally()
@@ -305,9 +348,13 @@ def _copy_images(
             known = [image_id in present for image_id, _, _ in batch]
             present.difference_update(image_id for image_id, _, _ in batch)
             work = [(*row, here) for row, here in zip(batch, known, strict=True)]
-            for (image_id, nbytes, sha256), here, (outcome, changed) in zip(
+            for (image_id, nbytes, sha256), here, (done, changed) in zip(
                 batch, known, pool.map(copy, work), strict=True
             ):
+                # A deletion removes the row before the file: a file gone while its row
+                # is still there was lost.
+                lost = done is _Outcome.GONE and still_indexed(image_id)
+                outcome = _Outcome.LOST if lost else done
                 tally.checked += 1
                 tally.directories.update(changed)
                 if outcome is _Outcome.THERE:
