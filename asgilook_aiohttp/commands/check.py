@@ -47,7 +47,7 @@ from .attached import Attached, CannotRun, attached, describe
 # Records read at a time.
 _BATCH = 500
 # Blobs hashed at once: local reads in threads, or requests to the object store.
-_LOCAL_READERS = 4
+_LOCAL_READERS = 8
 _REMOTE_READERS = 16
 # Seconds between progress lines.
 _PROGRESS_EVERY = 5.0
@@ -205,22 +205,28 @@ def _image_of(key: str) -> str:
 
 
 async def _image(library: Attached, image: ImageRecord, report: _Report) -> None:
-    async def still() -> tuple[int, str] | None:
+    async def now() -> tuple[int, str] | None:
         current = await library.index.get(image.id)
         return None if current is None else (current.nbytes, current.sha256)
 
+    expected = (image.nbytes, image.sha256)
     subject = f"image {image.id}"
-    await _compare(library, image_key(image.id), subject, image.id, still, report=report)
+    await _compare(library, image_key(image.id), subject, image.id, (expected, now), report=report)
 
 
 async def _thumbnail(library: Attached, thumbnail: ThumbnailRecord, report: _Report) -> None:
-    async def still() -> tuple[int, str] | None:
+    async def now() -> tuple[int, str] | None:
         _, current = await library.index.image_and_thumbnail(*_size(thumbnail))
         return None if current is None else (current.nbytes, current.sha256)
 
+    expected = (thumbnail.nbytes, thumbnail.sha256)
     key = thumbnail_key(*_size(thumbnail))
     subject = f"thumbnail {thumbnail.width}x{thumbnail.height} of image {thumbnail.image_id}"
-    await _compare(library, key, subject, thumbnail.image_id, still, report=report)
+    await _compare(library, key, subject, thumbnail.image_id, (expected, now), report=report)
+
+
+_Said = tuple[int, str]
+"""What a record says of its blob: its size and SHA-256."""
 
 
 async def _compare(
@@ -228,23 +234,21 @@ async def _compare(
     key: str,
     subject: str,
     image_id: str,
-    still: Callable[[], Awaitable[tuple[int, str] | None]],
+    record: tuple[_Said, Callable[[], Awaitable[_Said | None]]],
     *,
     report: _Report,
 ) -> None:
-    """Compare the blob ``key`` with what its record says; ``still`` reads that again, to
-    tell a problem from a record removed or replaced meanwhile."""
-    expected = await still()
-    if expected is None:
-        return
+    """Compare the blob ``key`` with what its record said, and says now (None if it is
+    gone): a problem is one only if the record still says the same."""
+    expected, now = record
     try:
         nbytes, sha256 = await library.blobs.digest(key)
     except BlobMissing:
-        if await still() == expected:
+        if await now() == expected:
             report.found(Problem("missing", subject, f"its blob {key} is missing", image_id))
         return
     report.bytes += nbytes
-    if (nbytes, sha256) == expected or await still() != expected:
+    if (nbytes, sha256) == expected or await now() != expected:
         return
     if nbytes != expected[0]:
         detail = f"its blob holds {nbytes} bytes, the record says {expected[0]}"
