@@ -184,22 +184,34 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
         [
             *(f"repaired: {subject(expected[kind])}: removed" for kind in REMOVED),
             f"repaired: {subject(expected['expired'])}: taken over and undone",
+            f"repaired: {subject(expected['thumbnail'])}: its record and blob removed: made "
+            "again when next asked for",
         ]
     )
-    assert lines[-1].endswith(f"; {len(expected)} problems, 4 repaired")
+    assert lines[-1].endswith(f"; {len(expected)} problems, 5 repaired")
 
     status, lines = await check(storage)
     assert status == 1
-    unrepairable = ["missing", "wrong-sha256", "wrong-size", "thumbnail", "stray"]
+    unrepairable = ["missing", "wrong-sha256", "wrong-size", "stray"]
     assert sorted(lines[:-1]) == sorted(expected[kind] for kind in unrepairable)
-    # The records, and every file a record names, damaged or not, are there still.
+    assert ": 3 images, 2 thumbnails, " in lines[-1]
+    # The image records, and every file one names, damaged or not, are there still.
     assert index_rows(storage) == (3, 0)
     removed = {subject(expected[kind]) for kind in ("unnamed-image", "unnamed-thumbnail")}
     undone = subject(expected["expired"]).removeprefix("journal entry ")
     left = [name for name in kept if name not in removed and undone not in name]
     assert blob_files(storage) == left
-    assert len(left) == len(kept) - 3
     assert list((storage / "staging").iterdir()) == []
+
+    # The thumbnail is made again when asked for.
+    _, size, _, _, image_id = subject(expected["thumbnail"]).split()
+    async with aiohttp.ClientSession() as session, running(storage) as server:
+        url = f"{server.url}/thumbnails/{image_id}/{size}.jpeg"
+        async with session.get(url) as response:
+            assert response.status == 200
+    status, lines = await check(storage)
+    assert ": 3 images, 3 thumbnails, " in lines[-1]
+    assert sorted(lines[:-1]) == sorted(expected[kind] for kind in unrepairable)
 
 
 async def test_repair_as_json(embedded: tuple[Path, list[str]], dead_pid: int) -> None:
@@ -230,6 +242,7 @@ async def test_repair_as_json(embedded: tuple[Path, list[str]], dead_pid: int) -
         "detail": expected["missing"].partition(": ")[2],
     }
     assert sorted(done["detail"] for done in document["repaired"]) == [
+        "its record and blob removed: made again when next asked for",
         "removed",
         "removed",
         "removed",

@@ -410,6 +410,31 @@ async def test_journal_entries_are_listed_with_their_leases(index: Index) -> Non
     assert entries["expired"].expires_in < 0
 
 
+async def test_a_thumbnail_is_forgotten_only_as_it_was_read(index: Index) -> None:
+    record = image(1)
+    await store(index, record)
+    forgotten, replaced, claimed = (
+        thumbnail(record, 10),
+        thumbnail(record, 20),
+        thumbnail(record, 30),
+    )
+    await keep(index, forgotten, replaced, claimed)
+    assert await index.forget_thumbnail(forgotten, A, LEASE) == [forgotten]
+    assert await index.image_and_thumbnail(record.id, 10, 10) == (record, None)
+    assert await index.totals() == Totals(1, record.nbytes, 20)
+    assert [(e.key, e.owner) for e in await index.journaled()] == [(key(forgotten), A)]
+    await index.unjournal([key(forgotten)], A)
+    assert await index.forget_thumbnail(forgotten, A, LEASE) == []  # gone already
+
+    stale = ThumbnailRecord(record.id, 20, 20, 10, "0" * 64, 0)  # read before it was made again
+    assert await index.forget_thumbnail(stale, A, LEASE) == []
+    assert await index.claim(key(claimed), B, LEASE)  # being removed, or made again
+    assert await index.forget_thumbnail(claimed, A, LEASE) == []
+    assert await index.thumbnail_page(10, None) == [replaced, claimed]
+    assert await index.totals() == Totals(1, record.nbytes, 20)
+    assert [(e.key, e.owner) for e in await index.journaled()] == [(key(claimed), B)]
+
+
 async def test_a_sound_index_verifies(index: Index) -> None:
     assert await index.verify() == []
     record = image(1)

@@ -14,9 +14,11 @@ and that was not journaled when the journal was read, is left over unless it is 
 now or gone. ``--repair`` takes each one in hand through the journal, as the server's own
 undoing does, and removes it only if still no record names it.
 
-``--repair`` never removes a record, nor a blob that a record names: a blob that does not
-match its record is the only copy there is. A thumbnail is a cache, but its record is left
-too: the image's owner may be served it, and an operator should see why it is wrong.
+``--repair`` never removes an image's record, nor a blob an image's record names: one that
+does not match its record is still the only copy there is. Thumbnails are a cache: one
+whose blob is missing or wrong (served as a 404, or wrong, until evicted) has its record
+and blob removed as an eviction would, and is made again when next asked for. Nothing is
+repaired on an index that fails its own check: it may miss records that are there.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         "--repair",
         action="store_true",
         help="remove what is safe to remove: blobs no record names, what processes that "
-        "are gone left in staging/, and journaled work whose lease expired; never a record, "
-        "nor a blob a record names",
+        "are gone left in staging/, journaled work whose lease expired, and thumbnails whose "
+        "blob is missing or wrong (made again when asked for); never an image's record, nor "
+        "its blob",
     )
     parser.add_argument(
         "--json", action="store_true", help="report as one JSON document on standard output"
@@ -93,6 +96,7 @@ class _Report:
     repaired: list[Problem] = field(default_factory=list)
     refused: str | None = None
     """Why nothing was repaired, if ``--repair`` was refused."""
+    bad_thumbnails: list[tuple[Problem, ThumbnailRecord]] = field(default_factory=list)
 
     def found(self, problem: Problem) -> None:
         self.problems.append(problem)
@@ -182,7 +186,7 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
         last: tuple[str, int, int] | None = None
         while thumbnails := await library.index.thumbnail_page(_BATCH, last):
             for thumbnail in thumbnails:
-                listed.pop(thumbnail_key(*_size(thumbnail)), None)
+                listed.pop(_key_of(thumbnail), None)
                 report.thumbnails += 1
                 await reading.start(_thumbnail(library, thumbnail, report))
             last = _size(thumbnails[-1])
@@ -191,6 +195,7 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
         report.found(Problem("unnamed-blob", name, "no record names this blob", _image_of(key)))
     if repair:
         await _remove_unnamed(library, unnamed, report)
+        await _forget_thumbnails(library, report)
     await _check_journal(library, report, repair=repair)
     _check_staging(config, report, repair=repair)
 
@@ -220,9 +225,13 @@ async def _thumbnail(library: Attached, thumbnail: ThumbnailRecord, report: _Rep
         return None if current is None else (current.nbytes, current.sha256)
 
     expected = (thumbnail.nbytes, thumbnail.sha256)
-    key = thumbnail_key(*_size(thumbnail))
+    key = _key_of(thumbnail)
     subject = f"thumbnail {thumbnail.width}x{thumbnail.height} of image {thumbnail.image_id}"
-    await _compare(library, key, subject, thumbnail.image_id, (expected, now), report=report)
+    found = await _compare(
+        library, key, subject, thumbnail.image_id, (expected, now), report=report
+    )
+    if found is not None:
+        report.bad_thumbnails.append((found, thumbnail))
 
 
 _Said = tuple[int, str]
@@ -237,25 +246,28 @@ async def _compare(
     record: tuple[_Said, Callable[[], Awaitable[_Said | None]]],
     *,
     report: _Report,
-) -> None:
+) -> Problem | None:
     """Compare the blob ``key`` with what its record said, and says now (None if it is
     gone): a problem is one only if the record still says the same."""
     expected, now = record
     try:
         nbytes, sha256 = await library.blobs.digest(key)
     except BlobMissing:
-        if await now() == expected:
-            report.found(Problem("missing", subject, f"its blob {key} is missing", image_id))
-        return
-    report.bytes += nbytes
-    if (nbytes, sha256) == expected or await now() != expected:
-        return
-    if nbytes != expected[0]:
-        detail = f"its blob holds {nbytes} bytes, the record says {expected[0]}"
-        report.found(Problem("wrong-size", subject, detail, image_id))
+        if await now() != expected:
+            return None
+        problem = Problem("missing", subject, f"its blob {key} is missing", image_id)
     else:
-        detail = f"its blob's SHA-256 is {sha256}, the record says {expected[1]}"
-        report.found(Problem("wrong-sha256", subject, detail, image_id))
+        report.bytes += nbytes
+        if (nbytes, sha256) == expected or await now() != expected:
+            return None
+        if nbytes != expected[0]:
+            detail = f"its blob holds {nbytes} bytes, the record says {expected[0]}"
+            problem = Problem("wrong-size", subject, detail, image_id)
+        else:
+            detail = f"its blob's SHA-256 is {sha256}, the record says {expected[1]}"
+            problem = Problem("wrong-sha256", subject, detail, image_id)
+    report.found(problem)
+    return problem
 
 
 async def _unnamed(
@@ -303,6 +315,32 @@ async def _remove_unnamed(library: Attached, unnamed: dict[str, str], report: _R
             report.did(problem, "left: a record names it now, or it could not be removed")
         else:
             report.did(problem, "removed")
+
+
+async def _forget_thumbnails(library: Attached, report: _Report) -> None:
+    """Remove the records of thumbnails whose blobs are missing or wrong, and their blobs,
+    as an eviction does: the next request for one makes it again."""
+    for problem, thumbnail in report.bad_thumbnails:
+        if await library.journal.take(_forgetting(library, thumbnail), _key_of):
+            await library.journal.undo([_key_of(thumbnail)])
+            report.did(problem, "its record and blob removed: made again when next asked for")
+        else:
+            report.did(problem, "left: made again, or removed, meanwhile")
+
+
+def _forgetting(
+    library: Attached, thumbnail: ThumbnailRecord
+) -> Callable[[frozenset[str]], Awaitable[list[ThumbnailRecord]]]:
+    journal = library.journal
+
+    def forget(in_hand: frozenset[str]) -> Awaitable[list[ThumbnailRecord]]:
+        return library.index.forget_thumbnail(thumbnail, journal.owner, journal.lease)
+
+    return forget
+
+
+def _key_of(thumbnail: ThumbnailRecord) -> str:
+    return thumbnail_key(*_size(thumbnail))
 
 
 async def _check_journal(library: Attached, report: _Report, *, repair: bool) -> None:

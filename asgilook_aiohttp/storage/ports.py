@@ -252,6 +252,13 @@ class Index(Protocol):
     async def journaled(self) -> list[JournalEntry]:
         """Every journal entry, as it stands."""
 
+    async def forget_thumbnail(
+        self, record: ThumbnailRecord, owner: str, lease: float
+    ) -> list[ThumbnailRecord]:
+        """Remove a thumbnail's record, if it still is ``record`` and its key is not
+        journaled, journaling the key for ``owner`` until its blob is gone, as an eviction
+        does: the list of it, or an empty one."""
+
     async def verify(self) -> list[str]:
         """What is wrong with the index itself, one sentence each, for people: its storage's
         own integrity check, and totals that do not add up to the records'; empty if

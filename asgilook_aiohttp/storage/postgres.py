@@ -174,6 +174,8 @@ SELECT indexrelid::regclass::text FROM pg_index
 WHERE NOT indisvalid AND indrelid IN (SELECT oid FROM pg_class WHERE relname = ANY($1::text[])
     AND relnamespace = current_schema()::regnamespace)
 """
+_THE_THUMBNAIL_IS = "image_id = $1 AND width = $2 AND height = $3 AND bytes = $4 AND sha256 = $5"
+_THE_THUMBNAIL = f"SELECT true FROM thumbnails WHERE {_THE_THUMBNAIL_IS}"
 _TABLES = ["images", "tombstones", "pending", "thumbnails", "totals"]
 # Candidates locked at a time; those locked and not needed stay locked until the commit.
 _EVICTION_BATCH = 32
@@ -582,6 +584,26 @@ class PostgresIndex:
             )
         )
         return [JournalEntry(*row) for row in rows]
+
+    async def forget_thumbnail(
+        self, record: ThumbnailRecord, owner: str, lease: float
+    ) -> list[ThumbnailRecord]:
+        key = thumbnail_key(record.image_id, record.width, record.height)
+        which = (record.image_id, record.width, record.height, record.nbytes, record.sha256)
+
+        async def forget(db: _Connection) -> list[ThumbnailRecord]:
+            async with db.transaction():
+                if not await db.fetchval(f"{_THE_THUMBNAIL} FOR UPDATE", *which):
+                    return []
+                if not await db.fetch(_JOURNAL_IF_ABSENT, [key], owner, lease):
+                    return []
+                await db.execute(f"DELETE FROM thumbnails WHERE ({_THE_THUMBNAIL_IS})", *which)
+                await db.execute(
+                    "UPDATE totals SET thumbnail_bytes = thumbnail_bytes - $1", record.nbytes
+                )
+            return [record]
+
+        return await self._run(forget)
 
     async def verify(self) -> list[str]:
         async def verify(db: _Connection) -> list[str]:

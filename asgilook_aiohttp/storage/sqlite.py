@@ -583,6 +583,35 @@ class SqliteIndex:
 
         return await self._call(journaled)
 
+    async def forget_thumbnail(
+        self, record: ThumbnailRecord, owner: str, lease: float
+    ) -> list[ThumbnailRecord]:
+        key = thumbnail_key(record.image_id, record.width, record.height)
+        which = (record.image_id, record.width, record.height, record.nbytes, record.sha256)
+        the_thumbnail = "image_id = ? AND width = ? AND height = ? AND bytes = ? AND sha256 = ?"
+
+        def forget(db: sqlite3.Connection) -> list[ThumbnailRecord]:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                if not db.execute(
+                    f"SELECT 1 FROM thumbnails WHERE {the_thumbnail}", which
+                ).fetchone():
+                    return []
+                journaled = db.execute(
+                    "INSERT INTO pending (id, owner, expires) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO NOTHING",
+                    (key, owner, time.time() + lease),
+                )
+                if journaled.rowcount == 0:
+                    return []
+                db.execute(f"DELETE FROM thumbnails WHERE {the_thumbnail}", which)
+                db.execute(
+                    "UPDATE totals SET thumbnail_bytes = thumbnail_bytes - ?", (record.nbytes,)
+                )
+            return [record]
+
+        return await self._call(forget)
+
     async def verify(self) -> list[str]:
         def verify(db: sqlite3.Connection) -> list[str]:
             problems = [
