@@ -286,10 +286,17 @@ async def test_a_damaged_index_is_reported(embedded: tuple[Path, list[str]]) -> 
     assert unnamed.exists()
 
 
-async def test_a_directory_without_a_library_cannot_be_checked(tmp_path: Path) -> None:
+async def test_a_library_that_cannot_be_opened_cannot_be_checked(tmp_path: Path) -> None:
     status, _, err = await run_command("check", "--storage", str(tmp_path / "nothing"))
     assert status == 2
     assert f"there is no library in {tmp_path / 'nothing'}" in err
+    (tmp_path / INDEX_FILE).write_bytes(b"not a database, not even its header")
+    status, out, err = await run_command("check", "--storage", str(tmp_path), "--json")
+    assert status == 2
+    assert out == ""
+    assert err == (
+        f"asgilook-aiohttp check: cannot open the library in {tmp_path}: file is not a database\n"
+    )
 
 
 async def test_a_check_while_the_server_works_finds_nothing_wrong(
@@ -355,3 +362,9 @@ async def test_a_shared_library_is_checked_through_postgresql_and_the_object_sto
     assert unnamed not in await library.object_keys()
     status, out, err = await run_command("check", *flags, env=library.env())
     assert sorted(out.splitlines()[:-1]) == sorted(expected[:2])
+
+    elsewhere = [*flags, "--blobs", "s3://no-such-bucket/library"]
+    status, out, err = await run_command("check", *elsewhere, env=library.env())
+    assert status == 2
+    assert "asgilook-aiohttp check: cannot open the index at " in err
+    assert "there is no bucket 'no-such-bucket'" in err
