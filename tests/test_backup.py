@@ -5,42 +5,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from asgilook_aiohttp.storage.backends import INDEX_FILE
+from asgilook_aiohttp.storage.backends import INDEX_FILE, RESERVE_FILE
+from asgilook_aiohttp.storage.sqlite import SqliteIndex
 
 import samples
-from checks import image_file, stored_files
+from checks import image_file, stored_files, until
 from serving import ROOT, running
 
 
 async def command(*arguments: str | Path) -> tuple[int, str, str]:
     """Run the console script; its exit status, standard output and standard error."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASGILOOK_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "asgilook_aiohttp",
-        *map(str, arguments),
-        cwd=ROOT,
-        env=clean,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await start_command(*arguments)
     async with asyncio.timeout(60):
         out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def start_command(*arguments: str | Path) -> asyncio.subprocess.Process:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASGILOOK_")}
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "asgilook_aiohttp", *map(str, arguments)),
+        cwd=ROOT,
+        env=clean,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # As from a terminal: a shell starts a background job with Ctrl-C ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 async def back_up(storage: Path, destination: Path) -> str:
@@ -234,6 +241,52 @@ async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
         assert await served(session, copy.url, good["id"]) == kept
         async with session.get(f"{copy.url}/images/{damaged['id']}.jpeg") as response:
             assert response.status == 404
+
+
+def library_of(storage: Path, count: int) -> None:
+    """A library of ``count`` images written directly, as a server would have left it."""
+    storage.mkdir()
+    asyncio.run(create_index(storage))
+    data = jpeg(0, (32, 24))
+    rows = []
+    for number in range(count):
+        image_id = str(uuid.UUID(int=number, version=4))
+        path = image_file(storage, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        rows.append((image_id, number, 32, 24, len(data), hashlib.sha256(data).hexdigest()))
+    with contextlib.closing(sqlite3.connect(storage / INDEX_FILE)) as db, db:
+        db.executemany(
+            "INSERT INTO images (id, uploaded, width, height, bytes, sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        db.execute("UPDATE totals SET images = ?, image_bytes = ?", (count, count * len(data)))
+
+
+async def create_index(storage: Path) -> None:
+    index = SqliteIndex(storage / INDEX_FILE, storage / RESERVE_FILE)
+    await index.open()
+    await index.close()
+
+
+async def test_an_interrupted_backup_leaves_no_index_and_the_next_one_resumes(
+    tmp_path: Path,
+) -> None:
+    source, backup = tmp_path / "storage", tmp_path / "backup"
+    await asyncio.to_thread(library_of, source, 3000)
+    process = await start_command("backup", "--storage", source, backup)
+    await until((backup / "images").exists)
+    process.send_signal(signal.SIGINT)
+    out, _ = await process.communicate()
+    assert (process.returncode, out) == (130, b"")
+    assert sorted(path.name for path in backup.iterdir()) == ["images", "staging"]
+    assert not any((backup / "staging").iterdir())
+    kept = len(stored_files(backup))
+
+    counts = summary(await back_up(source, backup))
+    assert counts == {"images": 3000, "copied": 3000 - kept, "there": kept, "removed": 0}
+    assert len(assert_every_row_has_its_file_and_nothing_else(backup)) == 3000
 
 
 async def thumbnail(session: aiohttp.ClientSession, url: str, image: dict[str, Any]) -> None:

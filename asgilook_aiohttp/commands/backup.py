@@ -23,13 +23,13 @@ server would send it with the wrong length and digest, and ``check`` tells the r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import enum
 import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import sqlite3
 import struct
 import sys
@@ -76,7 +76,8 @@ def _source(parser: argparse.ArgumentParser) -> None:
 
 async def _back_up(config: Config, args: argparse.Namespace) -> int:
     _embedded_only(config)
-    return await asyncio.to_thread(_copy_library, config.storage_path, args.destination, config)
+    _interruptible()
+    return _copy_library(config.storage_path, args.destination, config)
 
 
 async def _restore(config: Config, args: argparse.Namespace) -> int:
@@ -87,7 +88,16 @@ async def _restore(config: Config, args: argparse.Namespace) -> int:
             f"{target} is not empty: restore only into an empty or new storage directory "
             f"(or start the server with --storage {args.source}, a backup being one)"
         )
-    return await asyncio.to_thread(_copy_library, args.source, target, config, restoring=True)
+    _interruptible()
+    return _copy_library(args.source, target, config, restoring=True)
+
+
+def _interruptible() -> None:
+    """Let Ctrl-C stop the copy at once. The copy runs on the command's event loop, which
+    has nothing else to do, and asyncio.run's own handler would only cancel the task, which
+    a copy that never awaits sees once it is done."""
+    if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _embedded_only(config: Config) -> None:
@@ -124,7 +134,8 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
     source, target = source.resolve(), target.resolve()
     _check_places(source, target)
     index, timeout = source / INDEX_FILE, config.dependency_timeout
-    with contextlib.closing(_open_live(index, timeout)) as live:
+    with contextlib.ExitStack() as resources:
+        live = resources.enter_context(contextlib.closing(_open_live(index, timeout)))
 
         def still_indexed(image_id: str) -> bool:
             with _reading(index, timeout):
@@ -132,42 +143,40 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
             return row is not None
 
         target.mkdir(parents=True, exist_ok=True)
+        resources.enter_context(_held(target))
         scratch = Scratch(target)
         scratch.open()
         snapshot_path = scratch.path(".sqlite3")
-        try:
-            with contextlib.closing(
-                sqlite3.connect(snapshot_path, isolation_level=None)
-            ) as snapshot:
-                with _reading(index, timeout):
-                    live.backup(snapshot)
-                snapshot.execute("PRAGMA journal_mode=DELETE")
-                snapshot.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it unused
-                snapshot.executescript(
-                    "BEGIN; DELETE FROM pending; DELETE FROM thumbnails; COMMIT;"
-                )
-                unnamed = _images_in(target)
-                tally = _copy_images(
-                    snapshot, source, target, scratch, unnamed, still_indexed=still_indexed
-                )
-                _leave_out(snapshot, tally.gone + tally.wrong)
-                images, image_bytes = snapshot.execute(
-                    "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
-                ).fetchone()
-                snapshot.execute(
-                    "UPDATE totals SET images = ?, image_bytes = ?, thumbnail_bytes = 0",
-                    (images, image_bytes),
-                )
-                with ThreadPoolExecutor(_COPIERS) as pool:
-                    list(pool.map(fsync_directory, tally.directories))
-                _install(snapshot, target / INDEX_FILE, timeout)
-        finally:
-            snapshot_path.unlink(missing_ok=True)
-            snapshot_path.with_name(f"{snapshot_path.name}-journal").unlink(missing_ok=True)
-    copies = _files(target)
-    for image_id in unnamed:
-        Path(copies(image_id).final).unlink(missing_ok=True)
-    shutil.rmtree(target / "thumbnails", ignore_errors=True)
+        resources.callback(snapshot_path.unlink, missing_ok=True)
+        resources.callback(
+            snapshot_path.with_name(f"{snapshot_path.name}-journal").unlink, missing_ok=True
+        )
+        snapshot = resources.enter_context(
+            contextlib.closing(sqlite3.connect(snapshot_path, isolation_level=None))
+        )
+        with _reading(index, timeout):
+            live.backup(snapshot)
+        snapshot.execute("PRAGMA journal_mode=DELETE")
+        snapshot.execute("PRAGMA synchronous=OFF")  # scratch: a crash leaves it unused
+        snapshot.executescript("BEGIN; DELETE FROM pending; DELETE FROM thumbnails; COMMIT;")
+        unnamed = _images_in(target)
+        tally = _copy_images(
+            snapshot, source, target, scratch, unnamed, still_indexed=still_indexed
+        )
+        _leave_out(snapshot, tally.gone + tally.wrong)
+        images, image_bytes = snapshot.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
+        ).fetchone()
+        snapshot.execute(
+            "UPDATE totals SET images = ?, image_bytes = ?, thumbnail_bytes = 0",
+            (images, image_bytes),
+        )
+        with ThreadPoolExecutor(_COPIERS) as pool:
+            list(pool.map(fsync_directory, tally.directories))
+        _install(snapshot, target / INDEX_FILE, timeout)
+        for path in unnamed.values():
+            Path(path).unlink(missing_ok=True)
+        shutil.rmtree(target / "thumbnails", ignore_errors=True)
     what = (
         f"restored {images:,} images ({_size(image_bytes)}) from {source} into {target}"
         if restoring
@@ -209,6 +218,20 @@ def _empty(directory: Path) -> bool:
     return not (directory / INDEX_FILE).exists() and all(
         entry.name in _FIRST_COPY_LEFT for entry in directory.iterdir()
     )
+
+
+@contextlib.contextmanager
+def _held(target: Path) -> Iterator[None]:
+    """Keep other backups and restores out of ``target`` meanwhile."""
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CannotRun(f"another backup or restore is writing into {target}") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _served(index: Path) -> bool:
@@ -289,14 +312,14 @@ def _files(root: Path) -> Callable[[str], Placement]:
     return placement
 
 
-def _images_in(root: Path) -> set[str]:
-    """The ids of the originals under ``root``."""
-    found: set[str] = set()
+def _images_in(root: Path) -> dict[str, str]:
+    """The originals under ``root``: their paths by their ids."""
+    found: dict[str, str] = {}
     for top in _directories(root / "images"):
         for below in _directories(top):
             with os.scandir(below) as entries:
                 found.update(
-                    entry.name.removesuffix(".jpeg")
+                    (entry.name.removesuffix(".jpeg"), entry.path)
                     for entry in entries
                     if entry.name.endswith(".jpeg")
                 )
@@ -316,7 +339,7 @@ def _copy_images(
     source: Path,
     target: Path,
     scratch: Scratch,
-    present: set[str],
+    present: dict[str, str],
     *,
     still_indexed: Callable[[str], bool],
 ) -> _Tally:
@@ -345,8 +368,7 @@ def _copy_images(
     rows = snapshot.execute("SELECT id, bytes, sha256 FROM images ORDER BY seq")
     with ThreadPoolExecutor(_COPIERS) as pool:
         while batch := rows.fetchmany(_BATCH):
-            known = [image_id in present for image_id, _, _ in batch]
-            present.difference_update(image_id for image_id, _, _ in batch)
+            known = [present.pop(image_id, None) is not None for image_id, _, _ in batch]
             work = [(*row, here) for row, here in zip(batch, known, strict=True)]
             for (image_id, nbytes, sha256), here, (done, changed) in zip(
                 batch, known, pool.map(copy, work), strict=True
@@ -365,7 +387,7 @@ def _copy_images(
                 else:
                     (tally.gone if outcome is _Outcome.GONE else tally.wrong).append(image_id)
                     if here:  # a file of the earlier copy, no longer named
-                        present.add(image_id)
+                        present[image_id] = copies(image_id).final
                     if outcome is not _Outcome.GONE:
                         print(
                             f"{image_id}: {originals(image_id).final} is {outcome.value} "
