@@ -173,35 +173,11 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
         repair = False
         report.refused = "the index failed its own check, so nothing was repaired"
     # Listed first, then the journal, then the records: see the module's docstring.
-    listed: dict[str, str] = {}  # the blobs by key, to their names in the store
-    async for batch in library.blobs.stored():
-        for stored in batch:
-            report.blobs += 1
-            if stored.key is None:
-                report.found(
-                    Problem("stray", stored.name, "not a blob of this library: no key names it")
-                )
-            else:
-                listed[stored.key] = stored.name
+    listed = await _list(library, report)
     journaled = {entry.key for entry in await library.index.journaled()}
     readers = _REMOTE_READERS if config.shared_storage else _LOCAL_READERS
     async with _Readers(readers) as reading:
-        after: str | None = None
-        more = True
-        while more:
-            images, more = await library.index.page(_BATCH, after)
-            for image in images:
-                listed.pop(image_key(image.id), None)
-                report.images += 1
-                await reading.start(_image(library, image, report))
-            after = images[-1].id if images else after
-        last: tuple[str, int, int] | None = None
-        while thumbnails := await library.index.thumbnail_page(_BATCH, last):
-            for thumbnail in thumbnails:
-                listed.pop(_key_of(thumbnail), None)
-                report.thumbnails += 1
-                await reading.start(_thumbnail(library, thumbnail, report))
-            last = _size(thumbnails[-1])
+        await _read_records(library, reading, listed, report)
     unnamed = await _unnamed(library, listed, journaled)
     for key, name in unnamed.items():
         report.found(Problem("unnamed-blob", name, "no record names this blob", _image_of(key)))
@@ -212,8 +188,49 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
     _check_staging(config, report, repair=repair)
 
 
+async def _list(library: Attached, report: _Report) -> dict[str, str]:
+    """The blobs stored, by key, to their names in the store; strays are reported."""
+    listed: dict[str, str] = {}
+    async for batch in library.blobs.stored():
+        for stored in batch:
+            report.blobs += 1
+            if stored.key is None:
+                report.found(
+                    Problem("stray", stored.name, "not a blob of this library: no key names it")
+                )
+            else:
+                listed[stored.key] = stored.name
+    return listed
+
+
+async def _read_records(
+    library: Attached, reading: _Readers, listed: dict[str, str], report: _Report
+) -> None:
+    """Start comparing every record's blob with it, and take what they name from ``listed``."""
+    after: str | None = None
+    more = True
+    while more:
+        images, more = await library.index.page(_BATCH, after)
+        for image in images:
+            listed.pop(image_key(image.id), None)
+            report.images += 1
+            await reading.start(_image(library, image, report))
+        after = images[-1].id if images else after
+    last: tuple[str, int, int] | None = None
+    while thumbnails := await library.index.thumbnail_page(_BATCH, last):
+        for thumbnail in thumbnails:
+            listed.pop(_key_of(thumbnail), None)
+            report.thumbnails += 1
+            await reading.start(_thumbnail(library, thumbnail, report))
+        last = _size(thumbnails[-1])
+
+
 def _size(thumbnail: ThumbnailRecord) -> tuple[str, int, int]:
     return thumbnail.image_id, thumbnail.width, thumbnail.height
+
+
+_Said = tuple[int, str]
+"""What a record says of its blob: its size and SHA-256."""
 
 
 def _image_of(key: str) -> str:
@@ -222,7 +239,7 @@ def _image_of(key: str) -> str:
 
 
 async def _image(library: Attached, image: ImageRecord, report: _Report) -> None:
-    async def now() -> tuple[int, str] | None:
+    async def now() -> _Said | None:
         current = await library.index.get(image.id)
         return None if current is None else (current.nbytes, current.sha256)
 
@@ -232,7 +249,7 @@ async def _image(library: Attached, image: ImageRecord, report: _Report) -> None
 
 
 async def _thumbnail(library: Attached, thumbnail: ThumbnailRecord, report: _Report) -> None:
-    async def now() -> tuple[int, str] | None:
+    async def now() -> _Said | None:
         _, current = await library.index.image_and_thumbnail(*_size(thumbnail))
         return None if current is None else (current.nbytes, current.sha256)
 
@@ -244,10 +261,6 @@ async def _thumbnail(library: Attached, thumbnail: ThumbnailRecord, report: _Rep
     )
     if found is not None:
         report.bad_thumbnails.append((found, thumbnail))
-
-
-_Said = tuple[int, str]
-"""What a record says of its blob: its size and SHA-256."""
 
 
 async def _compare(
