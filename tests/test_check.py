@@ -62,6 +62,15 @@ async def check(storage: Path, *flags: str) -> tuple[int, list[str]]:
     return status, out.splitlines()
 
 
+def query(storage: Path, sql: str) -> tuple[Any, ...]:
+    db = sqlite3.connect(storage / INDEX_FILE)
+    try:
+        row: tuple[Any, ...] = db.execute(sql).fetchone()
+    finally:
+        db.close()
+    return row
+
+
 def thumbnail_file(storage: Path, image_id: str) -> Path:
     (found,) = (storage / "thumbnails" / image_id[:2] / image_id[2:4] / image_id).iterdir()
     return found
@@ -284,6 +293,19 @@ async def test_a_damaged_index_is_reported(embedded: tuple[Path, list[str]]) -> 
     assert not reported(lines, "repaired: ")
     assert lines[-1].endswith("; the index failed its own check, so nothing was repaired")
     assert unnamed.exists()
+
+    # Its images' table unreadable: the check says so, and what it could not do.
+    (root,) = query(storage, "SELECT rootpage FROM sqlite_master WHERE name = 'images'")
+    content = bytearray((storage / INDEX_FILE).read_bytes())
+    content[(root - 1) * page_size : (root - 1) * page_size + 16] = b"\xff" * 16
+    (storage / INDEX_FILE).write_bytes(content)
+    status, lines = await check(storage)
+    assert status == 1
+    assert lines[:-1] == [
+        "the index (SQLite): SQLite cannot read the index through: "
+        "database disk image is malformed",
+        "the index (SQLite): the check could not go on: database disk image is malformed",
+    ]
 
 
 async def test_a_library_that_cannot_be_opened_cannot_be_checked(tmp_path: Path) -> None:

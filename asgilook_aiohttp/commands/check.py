@@ -172,6 +172,21 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
         # be named.
         repair = False
         report.refused = "the index failed its own check, so nothing was repaired"
+    try:
+        await _check_contents(library, config, report, repair=repair)
+    except Exception as error:
+        if not index_problems or isinstance(error, Unavailable):
+            raise
+        report.found(
+            Problem(
+                "index", f"the index ({library.index.name})", f"the check could not go on: {error}"
+            )
+        )
+
+
+async def _check_contents(
+    library: Attached, config: Config, report: _Report, *, repair: bool
+) -> None:
     # Listed first, then the journal, then the records: see the module's docstring.
     listed = await _list(library, report)
     journaled = {entry.key for entry in await library.index.journaled()}

@@ -614,19 +614,24 @@ class SqliteIndex:
 
     async def verify(self) -> list[str]:
         def verify(db: sqlite3.Connection) -> list[str]:
-            problems = [
-                f"SQLite's integrity check: {line}"
-                for (line,) in db.execute("PRAGMA integrity_check(100)")
-                if line != "ok"
-            ]
-            with db:
-                db.execute("BEGIN")  # one snapshot: the totals and the rows they count
-                kept = db.execute("SELECT images, image_bytes, thumbnail_bytes FROM totals")
-                counted = db.execute(
-                    "SELECT count(*), coalesce(sum(bytes), 0), "
-                    "(SELECT coalesce(sum(bytes), 0) FROM thumbnails) FROM images"
-                )
-                wrong = totals_problem(Totals(*kept.fetchone()), Totals(*counted.fetchone()))
+            try:
+                problems = [
+                    f"SQLite's integrity check: {line}"
+                    for (line,) in db.execute("PRAGMA integrity_check(100)")
+                    if line != "ok"
+                ]
+                with db:
+                    db.execute("BEGIN")  # one snapshot: the totals and the rows they count
+                    kept = db.execute("SELECT images, image_bytes, thumbnail_bytes FROM totals")
+                    counted = db.execute(
+                        "SELECT count(*), coalesce(sum(bytes), 0), "
+                        "(SELECT coalesce(sum(bytes), 0) FROM thumbnails) FROM images"
+                    )
+                    wrong = totals_problem(Totals(*kept.fetchone()), Totals(*counted.fetchone()))
+            except sqlite3.DatabaseError as error:
+                if _is_locked(error):
+                    raise
+                return [f"SQLite cannot read the index through: {error}"]
             return problems + ([wrong] if wrong else [])
 
         return await self._call(verify)
