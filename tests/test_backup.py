@@ -233,7 +233,7 @@ async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
     assert re.fullmatch(
         r"backed up 1 images .*: 1 copied .*, 0 removed, 2 left out \(run check\), in .*\n", out
     )
-    assert f"{damaged['id']}: {path} is not what the index says" in err
+    assert f"{damaged['id']}: {path} is not what its row says" in err
     assert f"{lost['id']}: " in err
     assert "is missing, while the library still has its row" in err
     assert assert_every_row_has_its_file_and_nothing_else(backup) == [good["id"]]

@@ -14,10 +14,11 @@ destination's index, in one SQLite transaction; and only after that are the file
 longer names removed. The destination's index names only files that are there, at every
 moment, even across a crash.
 
-An original that is gone by the time it is copied was deleted after the snapshot: the copy
-records the deletion, as the server would have. One whose bytes are not what the index
-says is left out of the copy, said on standard error, and makes the exit status 1: a
-server would send it with the wrong length and digest, and ``check`` tells the rest.
+An original that is gone by the time it is copied, and whose row is gone from the library
+too, was deleted after the snapshot: the copy records the deletion, as the server did. One
+that is gone while its row is still there was lost, and one whose bytes are not what its
+row says would be sent with the wrong length and digest: either is left out of the copy,
+named on standard error, and makes the exit status 1 (``check`` tells the rest).
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ class _Outcome(enum.Enum):
     THERE = "already there"
     COPIED = "copied"
     GONE = "deleted after the snapshot"
-    WRONG = "not what the index says"
-    MISCOPIED = "read back from the copy, not what was written"
-    LOST = "missing, while the library still has its row"
+    # Problems, said of the original; each leaves the image out of the copy.
+    WRONG = "{original} is not what its row says ({nbytes:,} bytes, SHA-256 {sha256})"
+    LOST = "{original} is missing, while the library still has its row"
+    MISCOPIED = "its copy, read back from the disk, differs from {original}: a failing disk?"
 
 
 @dataclass
@@ -389,11 +391,11 @@ def _copy_images(
                     if here:  # a file of the earlier copy, no longer named
                         present[image_id] = copies(image_id).final
                     if outcome is not _Outcome.GONE:
-                        print(
-                            f"{image_id}: {originals(image_id).final} is {outcome.value} "
-                            f"({nbytes:,} bytes, SHA-256 {sha256}): left out of the copy",
-                            file=sys.stderr,
+                        original = originals(image_id).final
+                        problem = outcome.value.format(
+                            original=original, nbytes=nbytes, sha256=sha256
                         )
+                        print(f"{image_id}: {problem}; left out of the copy", file=sys.stderr)
             if time.monotonic() - shown >= _PROGRESS_EVERY:
                 shown = time.monotonic()
                 print(
