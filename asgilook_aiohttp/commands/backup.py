@@ -283,7 +283,7 @@ def _reading(index: Path, timeout: float) -> Iterator[None]:
         raise CannotRun(
             f"{index} stayed locked for over {timeout:g} s: the server holds it to itself "
             "while the disk is too full for the index's shared memory; free some room "
-            "(the server's /health says when it has it again), then run this again"
+            "(the server's /healthz says when it has it again), then run this again"
         ) from None
     except sqlite3.DatabaseError as error:
         raise CannotRun(f"{index} is not a readable index: {error}") from None
