@@ -276,7 +276,9 @@ def _origin(text: str) -> str:
             f"must be '*' or an origin: scheme, host and port if not the scheme's own, as in "
             f"https://example.org or http://localhost:3000, not {text!r}"
         )
-    return f"{url.scheme}://{url.netloc.lower()}"
+    # As a browser writes it: without the scheme's own port.
+    own_port = {"http": 80, "https": 443}[url.scheme]
+    return f"{url.scheme}://{url.netloc.lower().removesuffix(f':{own_port}')}"
 
 
 def _token(text: str) -> str:

@@ -50,7 +50,7 @@ def test_environment_sets_every_setting() -> None:
         "ASGILOOK_LOG_FORMAT": "json",
         "ASGILOOK_LOG_LEVEL": "WARNING",
         "ASGILOOK_TRUSTED_PROXIES": "10.1.2.3/8, unix",
-        "ASGILOOK_CORS_ORIGINS": "https://Example.org http://localhost:3000",
+        "ASGILOOK_CORS_ORIGINS": "https://Example.org:443 http://localhost:3000",
     }
     assert Config.from_sources([], env) == _EVERY_SETTING_CHANGED
 

@@ -722,8 +722,11 @@ async def test_a_deletion_while_another_node_streams_the_image_is_no_server_erro
     nodes.assert_no_server_errors()
 
 
-async def refused(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> list[str]:
-    """Start a node that must refuse to start; the lines it wrote."""
+async def refused(
+    tmp_path: Path, *flags: str, env: dict[str, str] | None = None, status: int = 1
+) -> list[str]:
+    """Start a node that must refuse to start, with exit status ``status`` (2: for its
+    settings); the lines it wrote."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "AWS_", "PG"))}
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "run.py", "--port", "0", "--storage", str(tmp_path / "scratch")),
@@ -735,7 +738,7 @@ async def refused(tmp_path: Path, *flags: str, env: dict[str, str] | None = None
     )
     async with asyncio.timeout(30):
         stdout, stderr = await process.communicate()
-    assert process.returncode == 1
+    assert process.returncode == status
     assert stdout == b""
     return stderr.decode().splitlines()
 
@@ -745,7 +748,7 @@ async def refused(tmp_path: Path, *flags: str, env: dict[str, str] | None = None
     [("postgresql://postgres@127.0.0.1:5432/asgilook", "file"), ("sqlite", "s3://asgilook/x")],
 )
 async def test_a_mixed_pair_is_refused_in_one_line(tmp_path: Path, index: str, blobs: str) -> None:
-    said = await refused(tmp_path, "--index", index, "--blobs", blobs)
+    said = await refused(tmp_path, "--index", index, "--blobs", blobs, status=2)
     kinds = index.partition(":")[0], blobs.partition(":")[0]
     assert said == [
         f"asgilook-aiohttp: --index {kinds[0]} and --blobs {kinds[1]} do not go together: use "
