@@ -49,18 +49,25 @@ async def attached(config: Config) -> AsyncIterator[Attached]:
     # In staging/, named for this process: whatever it leaves, the server's next start
     # removes.
     reserve = scratch.path(".reserve")
-    index, blobs = backends(config, scratch, reserve=reserve)
     async with contextlib.AsyncExitStack() as resources:
-        if not config.shared_storage:
-            scratch.directory.mkdir(exist_ok=True)
-            resources.callback(reserve.unlink, missing_ok=True)
-        resources.push_async_callback(index.close)
-        resources.push_async_callback(blobs.close)
         try:
+            index, blobs = backends(config, scratch, reserve=reserve)
+            if not config.shared_storage:
+                scratch.directory.mkdir(exist_ok=True)
+                resources.callback(reserve.unlink, missing_ok=True)
+            resources.push_async_callback(index.close)
+            resources.push_async_callback(blobs.close)
             await index.open()
             await blobs.open()
         except Unavailable as error:
             raise CannotRun(str(error)) from None
+        except (Exception, SystemExit) as error:
+            # An index that is no database, a bucket refused, the extra not installed:
+            # what the server would refuse to start on, the command cannot run on.
+            why = str(error.code if isinstance(error, SystemExit) else error)
+            raise CannotRun(
+                f"cannot open {describe(config)}: {why.removeprefix('asgilook-aiohttp: ')}"
+            ) from None
         journal = Journal(index, blobs, lease=config.lease_seconds)
         resources.push_async_callback(journal.close)
         yield Attached(index, blobs, journal)

@@ -114,20 +114,8 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
     started = time.monotonic()
     report = _Report(to_json=args.json)
     try:
-        async with contextlib.AsyncExitStack() as opened:
-            try:
-                library = await opened.enter_async_context(attached(config))
-            except (Exception, SystemExit) as error:
-                if isinstance(error, CannotRun):
-                    raise
-                # An index that is no database, a bucket refused: what is checked is what
-                # cannot be opened.
-                why = str(error.code if isinstance(error, SystemExit) else error)
-                raise CannotRun(
-                    f"cannot open {describe(config)}: {why.removeprefix('asgilook-aiohttp: ')}"
-                ) from None
-            async with _progress(report, started):
-                await _check(library, config, report, repair=args.repair)
+        async with attached(config) as library, _progress(report, started):
+            await _check(library, config, report, repair=args.repair)
     except Unavailable as error:
         raise CannotRun(str(error)) from None
     seconds = time.monotonic() - started
