@@ -46,11 +46,10 @@ from ..storage.durable import fsync_directory, move_into_place
 from ..storage.files import LocalBlobs, Placement
 from ..storage.ports import image_key
 from ..storage.scratch import Scratch
-from ..storage.sqlite import _MIGRATIONS, _is_locked
+from ..storage.sqlite import SCHEMA_VERSION, is_locked
 from . import Command
 from .attached import CannotRun
 
-SCHEMA_VERSION = len(_MIGRATIONS)
 _DOCS = "the operating guide's section on backups (docs/operating.md)"
 _COPIERS = 8
 """Files copied at once: each mostly waits for its fsync and its read back."""
@@ -278,7 +277,7 @@ def _reading(index: Path, timeout: float) -> Iterator[None]:
     try:
         yield
     except sqlite3.OperationalError as error:
-        if not _is_locked(error):
+        if not is_locked(error):
             raise CannotRun(f"cannot read {index}: {error}") from None
         raise CannotRun(
             f"{index} stayed locked for over {timeout:g} s: the server holds it to itself "
@@ -463,7 +462,7 @@ def _install(snapshot: sqlite3.Connection, index: Path, timeout: float) -> None:
             target.execute("PRAGMA synchronous=FULL")
             snapshot.backup(target)
     except sqlite3.OperationalError as error:
-        if not _is_locked(error):
+        if not is_locked(error):
             raise
         raise CannotRun(
             f"{index} stayed locked for over {timeout:g} s: is a server on it?"

@@ -89,6 +89,8 @@ SELECT 1, count(*), coalesce(sum(bytes), 0), (SELECT coalesce(sum(bytes), 0) FRO
 FROM images;
 """,
 )
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The version of the schema this release writes (SQLite's ``user_version``)."""
 _COLUMNS = "id, uploaded, width, height, bytes, sha256, delete_token_sha256"
 _THUMBNAIL_COLUMNS = "image_id, width, height, bytes, sha256, last_used"
 _IMAGE_FIELDS = _COLUMNS.split(", ")
@@ -118,7 +120,8 @@ _NOT_SHARED = (
 )
 
 
-def _is_locked(error: sqlite3.Error) -> bool:
+def is_locked(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is another connection's lock, not a fault."""
     primary = error.sqlite_errorcode & 0xFF  # without the extended code's detail
     return primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -157,7 +160,7 @@ class SqliteIndex:
         try:
             return fn(self._db)
         except sqlite3.OperationalError as error:
-            if not _is_locked(error):
+            if not is_locked(error):
                 raise
             raise Unavailable(
                 self.name, f"another process kept the index locked for over {self._timeout:g} s"
@@ -173,7 +176,7 @@ class SqliteIndex:
             try:
                 return fn(self._reader)
             except sqlite3.OperationalError as error:
-                if not _is_locked(error):  # by a process recovering the WAL, say
+                if not is_locked(error):  # by a process recovering the WAL, say
                     raise
         return await self._call(fn)
 
@@ -214,7 +217,7 @@ class SqliteIndex:
         try:
             self._db, self._shared = self._connect(shared=True), True
         except sqlite3.Error as error:
-            if _is_locked(error):
+            if is_locked(error):
                 # Another process of this server opened it on a full disk, which keeps
                 # it to itself until there is room again.
                 raise Unavailable(
@@ -243,10 +246,10 @@ class SqliteIndex:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version > len(_MIGRATIONS):
+            if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self._path} has index schema version {version}; this release reads up "
-                    f"to version {len(_MIGRATIONS)}: upgrade asgilook-aiohttp"
+                    f"to version {SCHEMA_VERSION}: upgrade asgilook-aiohttp"
                 )
             for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
                 db.executescript(f"BEGIN; {migration} PRAGMA user_version={number}; COMMIT;")
@@ -629,7 +632,7 @@ class SqliteIndex:
                     )
                     wrong = totals_problem(Totals(*kept.fetchone()), Totals(*counted.fetchone()))
             except sqlite3.DatabaseError as error:
-                if _is_locked(error):
+                if is_locked(error):
                     raise
                 return [f"SQLite cannot read the index through: {error}"]
             return problems + ([wrong] if wrong else [])
