@@ -249,6 +249,45 @@ async def test_a_digest_is_the_blobs_size_and_sha256(blobs: Blobs) -> None:
         await blobs.digest(image_key(OTHER))
 
 
+async def set_aside_bytes(request: pytest.FixtureRequest, name: str) -> bytes:
+    """What the store of the test's kind holds at ``name``, read from beside it."""
+    if request.node.callspec.params["make_blobs"] == "file":
+        directory: Path = request.getfixturevalue("tmp_path")
+        return await asyncio.to_thread((directory / name).read_bytes)
+    engine: SeaweedFS = request.getfixturevalue("seaweedfs")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    async with engine.client() as s3:
+        response = await s3.get_object(Bucket=bucket, Key=PREFIX + name)
+        async with response["Body"] as body:
+            return await body.read()
+
+
+async def test_an_image_set_aside_is_kept_whole_and_listed_no_more(
+    blobs: Blobs, request: pytest.FixtureRequest
+) -> None:
+    await store(blobs, image_key(IMAGE), b"first")
+    await store(blobs, thumbnail_key(IMAGE, 1, 1), b"t")
+    assert await blobs.set_aside_count() == 0
+    assert await blobs.set_aside(image_key(IMAGE)) == f"lost+found/{IMAGE}.jpeg"
+    assert not await exists(blobs, image_key(IMAGE))
+    assert await exists(blobs, thumbnail_key(IMAGE, 1, 1))
+
+    # Set aside again: what is there already is kept too.
+    await store(blobs, image_key(IMAGE), b"second")
+    assert await blobs.set_aside(image_key(IMAGE)) == f"lost+found/{IMAGE}.1.jpeg"
+    assert await set_aside_bytes(request, f"lost+found/{IMAGE}.jpeg") == b"first"
+    assert await set_aside_bytes(request, f"lost+found/{IMAGE}.1.jpeg") == b"second"
+    assert await blobs.set_aside_count() == 2
+    listed = [stored.key async for batch in blobs.stored() for stored in batch]
+    assert listed == [thumbnail_key(IMAGE, 1, 1)]
+
+    with pytest.raises(BlobMissing):
+        await blobs.set_aside(image_key(OTHER))
+    assert await blobs.set_aside_count() == 2
+    with pytest.raises(ValueError, match="not an image's blob key"):
+        await blobs.set_aside(thumbnail_key(IMAGE, 1, 1))
+
+
 def put_in_worker(destination: Destination, data: bytes) -> tuple[bytes | None, list[str]]:
     """What a worker process does with its destination, and which backends it imported."""
     handed_back = destination.put(data)

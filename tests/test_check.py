@@ -115,6 +115,24 @@ async def test_a_healthy_library_exits_0(embedded: tuple[Path, list[str]]) -> No
     sizes = [path.stat().st_size for path in storage.glob("*s/*/*/**/*.jpeg")]
     assert document["checked"]["bytes"] == sum(sizes)
     assert document["problems"] == document["repaired"] == []
+    assert document["set_aside"] == document["set_aside_earlier"] == 0
+
+
+async def test_what_was_set_aside_earlier_is_counted_and_no_problem(
+    embedded: tuple[Path, list[str]],
+) -> None:
+    storage, _ = embedded
+    (storage / "lost+found").mkdir()
+    for name in (f"{uuid.uuid4()}.jpeg", f"{uuid.uuid4()}.jpeg"):
+        (storage / "lost+found" / name).write_bytes(b"an image set aside")
+    status, lines = await check(storage)
+    assert status == 0
+    assert lines[-1].endswith("; no problems; 2 files set aside in lost+found/ earlier")
+    status, out, _ = await run_command("check", "--storage", str(storage), "--json")
+    assert status == 0
+    document = json.loads(out)
+    assert document["checked"]["blobs"] == 6
+    assert (document["set_aside"], document["set_aside_earlier"]) == (0, 2)
 
 
 def damage(storage: Path, ids: list[str], dead_pid: int) -> dict[str, str]:
@@ -161,8 +179,14 @@ def damage(storage: Path, ids: list[str], dead_pid: int) -> dict[str, str]:
     }
 
 
-# What a repair removes: blobs no record names, and a process's leftover.
-REMOVED = ("unnamed-image", "unnamed-thumbnail", "staging")
+# What a repair removes: thumbnails' blobs no record names, and a process's leftover.
+REMOVED = ("unnamed-thumbnail", "staging")
+
+
+def set_aside(expected: dict[str, str]) -> tuple[str, str]:
+    """The unnamed image's blob, and where a repair sets it aside."""
+    name = subject(expected["unnamed-image"])
+    return name, f"lost+found/{Path(name).name}"
 
 
 def subject(line: str) -> str:
@@ -185,6 +209,8 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
     assert len(lines) == len(expected) + 1
     assert lines[-1].endswith(f"; {len(expected)} problems")
     kept = blob_files(storage)
+    unnamed, aside = set_aside(expected)
+    unnamed_bytes = (storage / unnamed).read_bytes()
 
     status, lines = await check(storage, "--repair")
     assert status == 1
@@ -192,18 +218,27 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
     assert sorted(repaired) == sorted(
         [
             *(f"repaired: {subject(expected[kind])}: removed" for kind in REMOVED),
+            f"repaired: {unnamed}: no record names this blob: moved to {aside}",
             f"repaired: {subject(expected['expired'])}: taken over and undone",
             f"repaired: {subject(expected['thumbnail'])}: its record and blob removed: made "
             "again when next asked for",
         ]
     )
-    assert lines[-1].endswith(f"; {len(expected)} problems, 5 repaired")
+    assert lines[-1].endswith(
+        f"; {len(expected)} problems, 5 repaired (1 set aside in lost+found/)"
+    )
+    # The image no record names is set aside whole, not removed; the thumbnail is removed.
+    assert (storage / aside).read_bytes() == unnamed_bytes
+    assert not (storage / unnamed).exists()
+    assert not (storage / subject(expected["unnamed-thumbnail"])).exists()
+    assert query(storage, "SELECT count(*) FROM pending") == (0,)
 
     status, lines = await check(storage)
     assert status == 1
     unrepairable = ["missing", "wrong-sha256", "wrong-size", "stray"]
     assert sorted(lines[:-1]) == sorted(expected[kind] for kind in unrepairable)
     assert ": 3 images, 2 thumbnails, " in lines[-1]
+    assert lines[-1].endswith("; 1 file set aside in lost+found/ earlier")
     # The image records, and every file one names, damaged or not, are there still.
     assert index_rows(storage) == (3, 0)
     removed = {subject(expected[kind]) for kind in ("unnamed-image", "unnamed-thumbnail")}
@@ -250,14 +285,38 @@ async def test_repair_as_json(embedded: tuple[Path, list[str]], dead_pid: int) -
         "id": ids[0],
         "detail": expected["missing"].partition(": ")[2],
     }
+    unnamed, aside = set_aside(expected)
     assert sorted(done["detail"] for done in document["repaired"]) == [
         "its record and blob removed: made again when next asked for",
-        "removed",
+        f"no record names this blob: moved to {aside}",
         "removed",
         "removed",
         "taken over and undone",
     ]
+    (moved,) = [done for done in document["repaired"] if done["key"] == unnamed]
+    assert moved["kind"] == "unnamed-blob"
+    assert moved["id"] == Path(aside).stem
+    assert (document["set_aside"], document["set_aside_earlier"]) == (1, 0)
     assert document["seconds"] >= 0
+
+
+async def test_an_image_that_cannot_be_set_aside_is_left(
+    embedded: tuple[Path, list[str]],
+) -> None:
+    storage, _ = embedded
+    (storage / "lost+found").write_bytes(b"not a directory")
+    unnamed = image_file(storage, str(uuid.uuid4()))
+    unnamed.parent.mkdir(parents=True, exist_ok=True)
+    unnamed.write_bytes(b"an image no record names")
+    status, lines = await check(storage, "--repair")
+    assert status == 1
+    name = blob_name(unnamed, storage)
+    assert lines[:-1] == [
+        f"{name}: no record names this blob",
+        f"repaired: {name}: left: it could not be set aside: Not a directory",
+    ]
+    assert unnamed.read_bytes() == b"an image no record names"
+    assert query(storage, "SELECT count(*) FROM pending") == (0,)
 
 
 async def test_a_damaged_index_is_reported(embedded: tuple[Path, list[str]]) -> None:
@@ -364,26 +423,46 @@ async def test_a_shared_library_is_checked_through_postgresql_and_the_object_sto
     assert out.startswith(f"checked the index at {library.index} with the blobs in ")
     assert ": 2 images, 2 thumbnails, 4 blobs stored, " in out
 
-    unnamed = f"images/{uuid.uuid4()}.jpeg"
+    unnamed_id = str(uuid.uuid4())
+    unnamed = f"images/{unnamed_id}.jpeg"
+    unnamed_thumbnail = f"thumbnails/{ids[1]}/7x7.jpeg"
+    earlier = f"lost+found/{unnamed_id}.jpeg"  # set aside before: not replaced
     async with library.seaweedfs.client() as s3:
-        for name in (unnamed, "notes.txt"):
-            await s3.put_object(Bucket=library.bucket, Key=f"library/{name}", Body=b"??")
+        for name, body in [
+            (unnamed, b"the only copy"),
+            (unnamed_thumbnail, b"??"),
+            ("notes.txt", b"??"),
+            (earlier, b"set aside before"),
+        ]:
+            await s3.put_object(Bucket=library.bucket, Key=f"library/{name}", Body=body)
         await s3.delete_object(Bucket=library.bucket, Key=f"library/images/{ids[0]}.jpeg")
     expected = [
         f"image {ids[0]}: its blob images/{ids[0]}.jpeg is missing",
         "notes.txt: not a blob of this library: no key names it",
         f"{unnamed}: no record names this blob",
+        f"{unnamed_thumbnail}: no record names this blob",
     ]
     status, out, err = await run_command("check", *flags, env=library.env())
     assert status == 1, err
     assert sorted(out.splitlines()[:-1]) == sorted(expected)
+    assert out.splitlines()[-1].endswith("; 1 file set aside in lost+found/ earlier")
 
     status, out, err = await run_command("check", "--repair", *flags, env=library.env())
     assert status == 1, err
-    assert f"repaired: {unnamed}: removed" in out.splitlines()
-    assert unnamed not in await library.object_keys()
+    aside = f"lost+found/{unnamed_id}.1.jpeg"
+    assert f"repaired: {unnamed}: no record names this blob: moved to {aside}" in out.splitlines()
+    assert f"repaired: {unnamed_thumbnail}: removed" in out.splitlines()
+    keys = await library.object_keys()
+    assert unnamed not in keys
+    assert unnamed_thumbnail not in keys
+    async with library.seaweedfs.client() as s3:
+        for name, body in [(aside, b"the only copy"), (earlier, b"set aside before")]:
+            response = await s3.get_object(Bucket=library.bucket, Key=f"library/{name}")
+            async with response["Body"] as stored:
+                assert await stored.read() == body
     status, out, err = await run_command("check", *flags, env=library.env())
     assert sorted(out.splitlines()[:-1]) == sorted(expected[:2])
+    assert out.splitlines()[-1].endswith("; 2 files set aside in lost+found/ earlier")
 
     elsewhere = [*flags, "--blobs", "s3://no-such-bucket/library"]
     status, out, err = await run_command("check", *elsewhere, env=library.env())

@@ -12,7 +12,9 @@ until a record names it or it is removed again (see ``journal``). So the blobs a
 first, then the journal, then the records: a blob that no record read afterwards names,
 and that was not journaled when the journal was read, is left over unless it is journaled
 now or gone. ``--repair`` takes each one in hand through the journal, as the server's own
-undoing does, and removes it only if still no record names it.
+undoing does, and if still no record names it then, removes a thumbnail's; an image's it
+sets aside in ``lost+found/`` instead, as the only copy of someone's photo it may be (an
+index restored from an older backup does not know the images uploaded since).
 
 ``--repair`` never removes an image's record, nor a blob an image's record names: one that
 does not match its record is still the only copy there is. Thumbnails are a cache: one
@@ -34,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import Config
 from ..storage.ports import (
+    LOST_AND_FOUND,
     BlobMissing,
     ImageRecord,
     ThumbnailRecord,
@@ -59,9 +62,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repair",
         action="store_true",
-        help="remove what is safe to remove: blobs no record names, what processes that "
-        "are gone left in staging/, journaled work whose lease expired, and thumbnails whose "
-        "blob is missing or wrong (made again when asked for); never an image's record, nor "
+        help="remove what is safe to remove: thumbnails' blobs no record names, what "
+        "processes that are gone left in staging/, journaled work whose lease expired, and "
+        "thumbnails whose blob is missing or wrong (made again when asked for); set aside "
+        "in lost+found/ images' blobs no record names; never remove an image's record, nor "
         "its blob",
     )
     parser.add_argument(
@@ -97,6 +101,10 @@ class _Report:
     refused: str | None = None
     """Why nothing was repaired, if ``--repair`` was refused."""
     bad_thumbnails: list[tuple[Problem, ThumbnailRecord]] = field(default_factory=list)
+    set_aside: int = 0
+    """Images' blobs the repair set aside in ``lost+found/``."""
+    set_aside_earlier: int = 0
+    """What was in ``lost+found/`` before."""
 
     def found(self, problem: Problem) -> None:
         self.problems.append(problem)
@@ -131,6 +139,8 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
             "problems": [asdict(problem) for problem in report.problems],
             "repaired": [asdict(done) for done in report.repaired],
             "repair_refused": report.refused,
+            "set_aside": report.set_aside,
+            "set_aside_earlier": report.set_aside_earlier,
             "seconds": round(seconds, 3),
         }
         print(json.dumps(document, indent=2))
@@ -144,11 +154,17 @@ def _summary(config: Config, report: _Report, seconds: float) -> str:
         f"checked {describe(config)}: {report.images} images, {report.thumbnails} thumbnails, "
         f"{report.blobs} blobs stored, {report.bytes} bytes read in {seconds:.1f} s"
     )
+    # Not a problem, but what an operator is to look at some day.
+    earlier = report.set_aside_earlier
+    files = "file" if earlier == 1 else "files"
+    before = f"; {earlier} {files} set aside in {LOST_AND_FOUND} earlier" if earlier else ""
     if not report.problems:
-        return f"{checked}; no problems"
+        return f"{checked}; no problems{before}"
     repaired = f", {len(report.repaired)} repaired" if report.repaired else ""
+    if report.set_aside:
+        repaired += f" ({report.set_aside} set aside in {LOST_AND_FOUND})"
     refused = f"; {report.refused}" if report.refused else ""
-    return f"{checked}; {len(report.problems)} problems{repaired}{refused}"
+    return f"{checked}; {len(report.problems)} problems{repaired}{refused}{before}"
 
 
 async def _check(library: Attached, config: Config, report: _Report, *, repair: bool) -> None:
@@ -175,6 +191,7 @@ async def _check(library: Attached, config: Config, report: _Report, *, repair: 
 async def _check_contents(
     library: Attached, config: Config, report: _Report, *, repair: bool
 ) -> None:
+    report.set_aside_earlier = await library.blobs.set_aside_count()
     # Listed first, then the journal, then the records: see the module's docstring.
     listed = await _list(library, report)
     journaled = {entry.key for entry in await library.index.journaled()}
@@ -331,18 +348,46 @@ async def _exists(library: Attached, key: str) -> bool:
 async def _remove_unnamed(library: Attached, unnamed: dict[str, str], report: _Report) -> None:
     journal = library.journal
     for key, name in unnamed.items():
-        # The journal's key of the work that would remove it: the thumbnail's own, or the
-        # image's id, which takes its thumbnails with it.
-        work = key if thumbnail_of(key) else _image_of(key)
-        problem = Problem("unnamed-blob", name, "", _image_of(key))
+        # The journal's key that covers it: the thumbnail's own, or the image's id.
+        image_id = _image_of(key)
+        thumbnail = thumbnail_of(key) is not None
+        work = key if thumbnail else image_id
+        problem = Problem("unnamed-blob", name, "", image_id)
         if not await journal.claim(work):
             report.did(problem, "left: a node is working on it now")
-            continue
-        await journal.undo([work])  # removes it only if still no record names it
-        if await _exists(library, key):
-            report.did(problem, "left: a record names it now, or it could not be removed")
+        elif thumbnail:
+            await journal.undo([work])  # removes it only if still no record names it
+            if await _exists(library, key):
+                report.did(problem, "left: a record names it now, or it could not be removed")
+            else:
+                report.did(problem, "removed")
         else:
-            report.did(problem, "removed")
+            await _set_aside(library, key, problem, report)
+
+
+async def _set_aside(library: Attached, key: str, problem: Problem, report: _Report) -> None:
+    """Move an image's blob that no record names to ``lost+found/``, its id in hand."""
+    journal = library.journal
+    image_id = _image_of(key)
+    try:
+        if await library.index.get(image_id) is not None:
+            report.did(problem, "left: a record names it now")
+            return
+        try:
+            where = await library.blobs.set_aside(key)
+        except BlobMissing:
+            report.did(problem, "left: removed meanwhile")
+            return
+        except OSError as error:  # lost+found/ not a directory this process may write in
+            report.did(problem, f"left: it could not be set aside: {error.strerror}")
+            return
+        report.set_aside += 1
+        report.did(problem, f"no record names this blob: moved to {where}")
+    finally:
+        # Cleared, not undone: undoing an image's entry removes its blob, and that is just
+        # what is not to be done with it.
+        await library.index.unjournal([image_id], journal.owner)
+        journal.done(image_id)
 
 
 async def _forget_thumbnails(library: Attached, report: _Report) -> None:

@@ -4,6 +4,7 @@ Layout under the storage root::
 
     images/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg
     thumbnails/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c/231x231.jpeg
+    lost+found/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg    (set aside by a repair)
 
 Two levels of two hex digits keep every directory small (about 15 entries each at a
 million images). A file reaches its place only by ``os.replace`` from the node's scratch
@@ -29,14 +30,16 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from .durable import place_durably
+from .durable import fsync_directory, move_into_place, place_durably
 from .ports import (
+    LOST_AND_FOUND,
     BlobMissing,
     BytesBody,
     Destination,
     FileBody,
     Stored,
     blob_key,
+    set_aside_name,
     thumbnail_of,
 )
 from .scratch import Scratch
@@ -185,6 +188,36 @@ class LocalBlobs:
             return await asyncio.to_thread(_digest, self._path(key))
         except FileNotFoundError:
             raise BlobMissing(key) from None
+
+    async def set_aside(self, key: str) -> str:
+        return await asyncio.to_thread(self._set_aside, key)
+
+    def _set_aside(self, key: str) -> str:
+        path = self._path(key)
+        root = os.path.dirname(self._images)
+        attempt = 0
+        while os.path.lexists(f"{root}/{set_aside_name(key, attempt)}"):
+            attempt += 1
+        name = set_aside_name(key, attempt)
+        try:
+            # Within the storage directory, so on its file system: a rename, never a copy.
+            changed = move_into_place(path, f"{root}/{name}")
+        except FileNotFoundError:
+            raise BlobMissing(key) from None
+        # Its new entry made durable before its old one's removal is.
+        for directory in [*changed, Path(path).parent]:
+            fsync_directory(directory)
+        return name
+
+    async def set_aside_count(self) -> int:
+        return await asyncio.to_thread(self._set_aside_count)
+
+    def _set_aside_count(self) -> int:
+        root = os.path.dirname(self._images)
+        try:
+            return len(os.listdir(f"{root}/{LOST_AND_FOUND}"))
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
 
     def _path(self, key: str) -> str:
         if (thumbnail := thumbnail_of(key)) is not None:

@@ -21,6 +21,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .ports import (
+    LOST_AND_FOUND,
     BlobMissing,
     Destination,
     HandBack,
@@ -29,11 +30,13 @@ from .ports import (
     Unavailable,
     blob_key,
     image_key,
+    set_aside_name,
 )
 
 if TYPE_CHECKING:
     from aiobotocore.response import StreamingBody
     from types_aiobotocore_s3.client import S3Client
+    from types_aiobotocore_s3.type_defs import ObjectTypeDef
 
 # The most keys S3 lists, or deletes, in one request.
 _PAGE = 1000
@@ -205,33 +208,56 @@ class S3Blobs:
 
     async def delete_image(self, image_id: str) -> None:
         keys = [image_key(image_id)]
-        thumbnails = f"{self._prefix}thumbnails/{image_id}/"
-        after = thumbnails
-        while True:
-            async with self._guard("ListObjectsV2"):
-                listing = await self._s3.list_objects_v2(
-                    Bucket=self._bucket, Prefix=thumbnails, StartAfter=after, MaxKeys=_PAGE
-                )
-            names = [item["Key"] for item in listing.get("Contents", [])]
-            keys.extend(name.removeprefix(self._prefix) for name in names)
-            if not listing.get("IsTruncated"):
-                break
-            after = names[-1]
+        async for found in self._pages(f"thumbnails/{image_id}/"):
+            keys.extend(item["Key"].removeprefix(self._prefix) for item in found)
         await self.delete(keys)
 
     async def stored(self) -> AsyncIterator[list[Stored]]:
+        async for found in self._pages(""):
+            batch = []
+            for item in found:
+                name = item["Key"].removeprefix(self._prefix)
+                if not name.startswith(LOST_AND_FOUND):
+                    batch.append(Stored(name, name if blob_key(name) else None, item["Size"]))
+            yield batch
+
+    async def set_aside(self, key: str) -> str:
+        attempt = 0
+        while await self._holds(set_aside_name(key, attempt)):
+            attempt += 1
+        name = set_aside_name(key, attempt)
+        async with self._guard("CopyObject", key):
+            await self._s3.copy_object(
+                Bucket=self._bucket,
+                Key=self._prefix + name,
+                CopySource={"Bucket": self._bucket, "Key": self._prefix + key},
+            )
+        await self.delete([key])
+        return name
+
+    async def _holds(self, name: str) -> bool:
+        try:
+            await (await self.body(name, 0, 0)).close()
+        except BlobMissing:
+            return False
+        return True
+
+    async def set_aside_count(self) -> int:
+        return sum([len(found) async for found in self._pages(LOST_AND_FOUND)])
+
+    async def _pages(self, under: str) -> AsyncIterator[list[ObjectTypeDef]]:
+        """The objects whose keys under the prefix start with ``under``, a page at a time."""
         after = ""
         while True:
             async with self._guard("ListObjectsV2"):
                 listing = await self._s3.list_objects_v2(
-                    Bucket=self._bucket, Prefix=self._prefix, StartAfter=after, MaxKeys=_PAGE
+                    Bucket=self._bucket,
+                    Prefix=self._prefix + under,
+                    StartAfter=after,
+                    MaxKeys=_PAGE,
                 )
             found = listing.get("Contents", [])
-            batch = []
-            for item in found:
-                name = item["Key"].removeprefix(self._prefix)
-                batch.append(Stored(name, name if blob_key(name) else None, item["Size"]))
-            yield batch
+            yield found
             if not listing.get("IsTruncated") or not found:
                 return
             after = found[-1]["Key"]
