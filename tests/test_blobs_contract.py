@@ -268,15 +268,15 @@ async def test_an_image_set_aside_is_kept_whole_and_listed_no_more(
     await store(blobs, image_key(IMAGE), b"first")
     await store(blobs, thumbnail_key(IMAGE, 1, 1), b"t")
     assert await blobs.set_aside_count() == 0
-    assert await blobs.set_aside(image_key(IMAGE)) == f"lost+found/{IMAGE}.jpeg"
+    assert await blobs.set_aside(image_key(IMAGE)) == f"set-aside/{IMAGE}.jpeg"
     assert not await exists(blobs, image_key(IMAGE))
     assert await exists(blobs, thumbnail_key(IMAGE, 1, 1))
 
     # Set aside again: what is there already is kept too.
     await store(blobs, image_key(IMAGE), b"second")
-    assert await blobs.set_aside(image_key(IMAGE)) == f"lost+found/{IMAGE}.1.jpeg"
-    assert await set_aside_bytes(request, f"lost+found/{IMAGE}.jpeg") == b"first"
-    assert await set_aside_bytes(request, f"lost+found/{IMAGE}.1.jpeg") == b"second"
+    assert await blobs.set_aside(image_key(IMAGE)) == f"set-aside/{IMAGE}.1.jpeg"
+    assert await set_aside_bytes(request, f"set-aside/{IMAGE}.jpeg") == b"first"
+    assert await set_aside_bytes(request, f"set-aside/{IMAGE}.1.jpeg") == b"second"
     assert await blobs.set_aside_count() == 2
     listed = [stored.key async for batch in blobs.stored() for stored in batch]
     assert listed == [thumbnail_key(IMAGE, 1, 1)]

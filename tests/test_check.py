@@ -122,12 +122,12 @@ async def test_what_was_set_aside_earlier_is_counted_and_no_problem(
     embedded: tuple[Path, list[str]],
 ) -> None:
     storage, _ = embedded
-    (storage / "lost+found").mkdir()
+    (storage / "set-aside").mkdir()
     for name in (f"{uuid.uuid4()}.jpeg", f"{uuid.uuid4()}.jpeg"):
-        (storage / "lost+found" / name).write_bytes(b"an image set aside")
+        (storage / "set-aside" / name).write_bytes(b"an image set aside")
     status, lines = await check(storage)
     assert status == 0
-    assert lines[-1].endswith("; no problems; 2 files set aside in lost+found/ earlier")
+    assert lines[-1].endswith("; no problems; 2 files in set-aside/ from earlier repairs")
     status, out, _ = await run_command("check", "--storage", str(storage), "--json")
     assert status == 0
     document = json.loads(out)
@@ -186,7 +186,7 @@ REMOVED = ("unnamed-thumbnail", "staging")
 def set_aside(expected: dict[str, str]) -> tuple[str, str]:
     """The unnamed image's blob, and where a repair sets it aside."""
     name = subject(expected["unnamed-image"])
-    return name, f"lost+found/{Path(name).name}"
+    return name, f"set-aside/{Path(name).name}"
 
 
 def subject(line: str) -> str:
@@ -224,9 +224,7 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
             "again when next asked for",
         ]
     )
-    assert lines[-1].endswith(
-        f"; {len(expected)} problems, 5 repaired (1 set aside in lost+found/)"
-    )
+    assert lines[-1].endswith(f"; {len(expected)} problems, 5 repaired (1 moved to set-aside/)")
     # The image no record names is set aside whole, not removed; the thumbnail is removed.
     assert (storage / aside).read_bytes() == unnamed_bytes
     assert not (storage / unnamed).exists()
@@ -238,7 +236,7 @@ async def test_each_kind_of_damage_is_reported_and_repair_leaves_what_users_own(
     unrepairable = ["missing", "wrong-sha256", "wrong-size", "stray"]
     assert sorted(lines[:-1]) == sorted(expected[kind] for kind in unrepairable)
     assert ": 3 images, 2 thumbnails, " in lines[-1]
-    assert lines[-1].endswith("; 1 file set aside in lost+found/ earlier")
+    assert lines[-1].endswith("; 1 file in set-aside/ from earlier repairs")
     # The image records, and every file one names, damaged or not, are there still.
     assert index_rows(storage) == (3, 0)
     removed = {subject(expected[kind]) for kind in ("unnamed-image", "unnamed-thumbnail")}
@@ -304,7 +302,7 @@ async def test_an_image_that_cannot_be_set_aside_is_left(
     embedded: tuple[Path, list[str]],
 ) -> None:
     storage, _ = embedded
-    (storage / "lost+found").write_bytes(b"not a directory")
+    (storage / "set-aside").write_bytes(b"not a directory")
     unnamed = image_file(storage, str(uuid.uuid4()))
     unnamed.parent.mkdir(parents=True, exist_ok=True)
     unnamed.write_bytes(b"an image no record names")
@@ -426,7 +424,7 @@ async def test_a_shared_library_is_checked_through_postgresql_and_the_object_sto
     unnamed_id = str(uuid.uuid4())
     unnamed = f"images/{unnamed_id}.jpeg"
     unnamed_thumbnail = f"thumbnails/{ids[1]}/7x7.jpeg"
-    earlier = f"lost+found/{unnamed_id}.jpeg"  # set aside before: not replaced
+    earlier = f"set-aside/{unnamed_id}.jpeg"  # set aside before: not replaced
     async with library.seaweedfs.client() as s3:
         for name, body in [
             (unnamed, b"the only copy"),
@@ -445,11 +443,11 @@ async def test_a_shared_library_is_checked_through_postgresql_and_the_object_sto
     status, out, err = await run_command("check", *flags, env=library.env())
     assert status == 1, err
     assert sorted(out.splitlines()[:-1]) == sorted(expected)
-    assert out.splitlines()[-1].endswith("; 1 file set aside in lost+found/ earlier")
+    assert out.splitlines()[-1].endswith("; 1 file in set-aside/ from earlier repairs")
 
     status, out, err = await run_command("check", "--repair", *flags, env=library.env())
     assert status == 1, err
-    aside = f"lost+found/{unnamed_id}.1.jpeg"
+    aside = f"set-aside/{unnamed_id}.1.jpeg"
     assert f"repaired: {unnamed}: no record names this blob: moved to {aside}" in out.splitlines()
     assert f"repaired: {unnamed_thumbnail}: removed" in out.splitlines()
     keys = await library.object_keys()
@@ -462,7 +460,7 @@ async def test_a_shared_library_is_checked_through_postgresql_and_the_object_sto
                 assert await stored.read() == body
     status, out, err = await run_command("check", *flags, env=library.env())
     assert sorted(out.splitlines()[:-1]) == sorted(expected[:2])
-    assert out.splitlines()[-1].endswith("; 2 files set aside in lost+found/ earlier")
+    assert out.splitlines()[-1].endswith("; 2 files in set-aside/ from earlier repairs")
 
     elsewhere = [*flags, "--blobs", "s3://no-such-bucket/library"]
     status, out, err = await run_command("check", *elsewhere, env=library.env())

@@ -13,7 +13,7 @@ first, then the journal, then the records: a blob that no record read afterwards
 and that was not journaled when the journal was read, is left over unless it is journaled
 now or gone. ``--repair`` takes each one in hand through the journal, as the server's own
 undoing does, and if still no record names it then, removes a thumbnail's; an image's it
-sets aside in ``lost+found/`` instead, as the only copy of someone's photo it may be (an
+sets aside in ``set-aside/`` instead, as the only copy of someone's photo it may be (an
 index restored from an older backup does not know the images uploaded since).
 
 ``--repair`` never removes an image's record, nor a blob an image's record names: one that
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..config import Config
 from ..storage.ports import (
-    LOST_AND_FOUND,
+    SET_ASIDE,
     BlobMissing,
     ImageRecord,
     ThumbnailRecord,
@@ -64,8 +64,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove what is safe to remove: thumbnails' blobs no record names, what "
         "processes that are gone left in staging/, journaled work whose lease expired, and "
-        "thumbnails whose blob is missing or wrong (made again when asked for); set aside "
-        "in lost+found/ images' blobs no record names; never remove an image's record, nor "
+        "thumbnails whose blob is missing or wrong (made again when asked for); move "
+        "to set-aside/ images' blobs no record names; never remove an image's record, nor "
         "its blob",
     )
     parser.add_argument(
@@ -102,9 +102,9 @@ class _Report:
     """Why nothing was repaired, if ``--repair`` was refused."""
     bad_thumbnails: list[tuple[Problem, ThumbnailRecord]] = field(default_factory=list)
     set_aside: int = 0
-    """Images' blobs the repair set aside in ``lost+found/``."""
+    """Images' blobs the repair moved to ``set-aside/``."""
     set_aside_earlier: int = 0
-    """What was in ``lost+found/`` before."""
+    """What was in ``set-aside/`` before."""
 
     def found(self, problem: Problem) -> None:
         self.problems.append(problem)
@@ -157,12 +157,12 @@ def _summary(config: Config, report: _Report, seconds: float) -> str:
     # Not a problem, but what an operator is to look at some day.
     earlier = report.set_aside_earlier
     files = "file" if earlier == 1 else "files"
-    before = f"; {earlier} {files} set aside in {LOST_AND_FOUND} earlier" if earlier else ""
+    before = f"; {earlier} {files} in {SET_ASIDE} from earlier repairs" if earlier else ""
     if not report.problems:
         return f"{checked}; no problems{before}"
     repaired = f", {len(report.repaired)} repaired" if report.repaired else ""
     if report.set_aside:
-        repaired += f" ({report.set_aside} set aside in {LOST_AND_FOUND})"
+        repaired += f" ({report.set_aside} moved to {SET_ASIDE})"
     refused = f"; {report.refused}" if report.refused else ""
     return f"{checked}; {len(report.problems)} problems{repaired}{refused}{before}"
 
@@ -366,7 +366,7 @@ async def _remove_unnamed(library: Attached, unnamed: dict[str, str], report: _R
 
 
 async def _set_aside(library: Attached, key: str, problem: Problem, report: _Report) -> None:
-    """Move an image's blob that no record names to ``lost+found/``, its id in hand."""
+    """Move an image's blob that no record names to ``set-aside/``, its id in hand."""
     journal = library.journal
     image_id = _image_of(key)
     try:
@@ -378,7 +378,7 @@ async def _set_aside(library: Attached, key: str, problem: Problem, report: _Rep
         except BlobMissing:
             report.did(problem, "left: removed meanwhile")
             return
-        except OSError as error:  # lost+found/ not a directory this process may write in
+        except OSError as error:  # set-aside/ not a directory this process may write in
             report.did(problem, f"left: it could not be set aside: {error.strerror}")
             return
         report.set_aside += 1

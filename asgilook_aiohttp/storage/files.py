@@ -4,7 +4,7 @@ Layout under the storage root::
 
     images/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg
     thumbnails/5c/fd/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c/231x231.jpeg
-    lost+found/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg    (set aside by a repair)
+    set-aside/5cfd9fb6-259a-4c72-b8b0-5f4c35edcd3c.jpeg    (set aside by a repair)
 
 Two levels of two hex digits keep every directory small (about 15 entries each at a
 million images). A file reaches its place only by ``os.replace`` from the node's scratch
@@ -32,7 +32,7 @@ from typing import BinaryIO, NamedTuple
 
 from .durable import fsync_directory, move_into_place, place_durably
 from .ports import (
-    LOST_AND_FOUND,
+    SET_ASIDE,
     BlobMissing,
     BytesBody,
     Destination,
@@ -215,7 +215,7 @@ class LocalBlobs:
     def _set_aside_count(self) -> int:
         root = os.path.dirname(self._images)
         try:
-            return len(os.listdir(f"{root}/{LOST_AND_FOUND}"))
+            return len(os.listdir(f"{root}/{SET_ASIDE}"))
         except (FileNotFoundError, NotADirectoryError):
             return 0
 

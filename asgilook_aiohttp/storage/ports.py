@@ -72,19 +72,19 @@ def image_key(image_id: str) -> str:
     return f"images/{image_id}.jpeg"
 
 
-LOST_AND_FOUND = "lost+found/"
+SET_ASIDE = "set-aside/"
 """Where images' blobs that no record names are set aside, beside ``images/``."""
 
 
 def set_aside_name(key: str, attempt: int) -> str:
-    """The name in ``lost+found/`` of the image's blob ``key``; another one for each later
+    """The name in ``set-aside/`` of the image's blob ``key``; another one for each later
     attempt, for when one is taken already."""
     prefix, _, name = key.partition("/")
     image_id = name.removesuffix(".jpeg")
     if prefix != "images" or not name.endswith(".jpeg") or not _plain(image_id):
         raise ValueError(f"not an image's blob key: {key!r}")
     suffix = f".{attempt}" if attempt else ""
-    return f"{LOST_AND_FOUND}{image_id}{suffix}.jpeg"
+    return f"{SET_ASIDE}{image_id}{suffix}.jpeg"
 
 
 def thumbnail_key(image_id: str, width: int, height: int) -> str:
@@ -383,10 +383,10 @@ class Blobs(Protocol):
         hashing on the event loop. Raises ``BlobMissing``."""
 
     async def set_aside(self, key: str) -> str:
-        """Move an image's blob to ``lost+found/``, flat under its id (with a number added
+        """Move an image's blob to ``set-aside/``, flat under its id (with a number added
         if that name is taken: nothing there is replaced); where it went, named as
         ``Stored.name`` names. ``stored`` never lists what is there. Raises
         ``BlobMissing``."""
 
     async def set_aside_count(self) -> int:
-        """How many files, or objects, are in ``lost+found/``."""
+        """How many files, or objects, are in ``set-aside/``."""

@@ -21,7 +21,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .ports import (
-    LOST_AND_FOUND,
+    SET_ASIDE,
     BlobMissing,
     Destination,
     HandBack,
@@ -217,7 +217,7 @@ class S3Blobs:
             batch = []
             for item in found:
                 name = item["Key"].removeprefix(self._prefix)
-                if not name.startswith(LOST_AND_FOUND):
+                if not name.startswith(SET_ASIDE):
                     batch.append(Stored(name, name if blob_key(name) else None, item["Size"]))
             yield batch
 
@@ -243,7 +243,7 @@ class S3Blobs:
         return True
 
     async def set_aside_count(self) -> int:
-        return sum([len(found) async for found in self._pages(LOST_AND_FOUND)])
+        return sum([len(found) async for found in self._pages(SET_ASIDE)])
 
     async def _pages(self, under: str) -> AsyncIterator[list[ObjectTypeDef]]:
         """The objects whose keys under the prefix start with ``under``, a page at a time."""
