@@ -21,15 +21,18 @@ COMMANDS = {command.name: command for command in (check.COMMAND, *backup.COMMAND
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = argv[0] if argv and (argv[0] in COMMANDS or argv[0] == "serve") else None
+    name = argv[0] if argv and not argv[0].startswith("-") else None
     arguments = argv[1:] if name else argv
     command = COMMANDS.get(name or "serve")
     if command is None:
         parser = settings_parser(epilog=_COMMANDS_HELP)
+        if name not in (None, "serve"):
+            parser.error(f"there is no command {name!r}; {_COMMANDS_HELP}")
     else:
         parser = settings_parser(
             prog=f"asgilook-aiohttp {command.name}",
             description=f"{command.summary[0].upper()}{command.summary[1:]}.",
+            usage=f"%(prog)s {command.usage} [SETTING ...]",
         )
         command.arguments(parser)
     flags, parser = parse_command_line(arguments, parser)
@@ -55,7 +58,7 @@ def _run(command: Command, config: Config, flags: dict[str, object]) -> int:
 
 
 _COMMANDS_HELP = (
-    "commands, each with its own --help: serve (the default): run the server; "
+    "commands, each with its own --help: serve: run the server (the default); "
     + "; ".join(f"{command.name}: {command.summary}" for command in COMMANDS.values())
 )
 

@@ -673,11 +673,13 @@ def settings_parser(
     prog: str = "asgilook-aiohttp",
     description: str = "Serve the asgilook image API.",
     epilog: str | None = None,
+    usage: str = "%(prog)s [serve] [SETTING ...]",
 ) -> argparse.ArgumentParser:
     """A parser of every setting's flag, for a command to add its own arguments to."""
     parser = argparse.ArgumentParser(
         prog=prog,
         epilog=epilog,
+        usage=usage,
         description=f"{description} Every flag also reads an environment "
         "variable: ASGILOOK_ and the setting's name in capitals (--storage reads "
         "ASGILOOK_STORAGE_PATH). Secrets have no flag, which would show them in the process "
@@ -703,6 +705,7 @@ def settings_parser(
         parser.add_argument(
             setting.flag,
             dest=setting.name,
+            metavar=setting.key.upper().replace("-", "_"),
             type=_argparse_type(setting.parse),
             default=None,
             help=f"{setting.help} [env: {', '.join(setting.env_names)}]",

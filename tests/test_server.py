@@ -18,7 +18,15 @@ import asgilook_aiohttp
 
 import samples
 from checks import staged_bytes, stored_files, until, until_metric
-from serving import CONSOLE_SCRIPT, ROOT, Server, processes_in_group, running, start_server
+from serving import (
+    CONSOLE_SCRIPT,
+    ROOT,
+    Server,
+    processes_in_group,
+    run_command,
+    running,
+    start_server,
+)
 
 
 async def upload(session: aiohttp.ClientSession, server: Server, data: bytes) -> dict[str, str]:
@@ -129,6 +137,17 @@ async def test_serve_is_the_default_command_and_takes_a_configuration_file(
     assert server.process.stderr is not None
     log = (await server.process.stderr.read()).decode()
     assert '"POST /images" 413' in log  # text, as the environment said, not the file's JSON
+
+
+async def test_help_names_every_command_and_an_unknown_one_is_refused() -> None:
+    status, out, _ = await run_command("--help")
+    assert status == 0
+    for command in ("serve", "check", "backup", "restore", "delete"):
+        assert f"{command}: " in " ".join(out.split())
+    status, out, err = await run_command("frobnicate", "--port", "0")
+    assert status == 2
+    assert out == ""
+    assert "there is no command 'frobnicate'; commands" in err
 
 
 async def test_bad_configuration_is_refused_with_a_message(tmp_path: Path) -> None:

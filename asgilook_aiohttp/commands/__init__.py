@@ -21,6 +21,8 @@ class Command:
     name: str
     summary: str
     """One sentence, for ``--help``."""
+    usage: str
+    """Its own arguments, for ``--help``: ``"DEST"``."""
     arguments: Callable[[argparse.ArgumentParser], None]
     """Adds the command's own arguments to the parser of the settings."""
     run: Callable[[Config, argparse.Namespace], Coroutine[object, object, int]]

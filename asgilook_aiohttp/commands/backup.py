@@ -65,13 +65,16 @@ on while it is open (its "dead man switch"): held by another process, a server."
 def _destination(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "destination",
+        metavar="DEST",
         type=Path,
         help="a new or empty directory, or an earlier backup (then only new images are copied)",
     )
 
 
 def _source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, help="a backup (or any storage directory)")
+    parser.add_argument(
+        "source", metavar="SRC", type=Path, help="a backup (or any storage directory)"
+    )
 
 
 async def _back_up(config: Config, args: argparse.Namespace) -> int:
@@ -476,6 +479,6 @@ def _size(nbytes: int) -> str:
 
 
 COMMANDS = (
-    Command("backup", "copy the library while it serves", _destination, _back_up),
-    Command("restore", "copy a backup into an empty storage", _source, _restore),
+    Command("backup", "copy the library while it serves", "DEST", _destination, _back_up),
+    Command("restore", "copy a backup into an empty storage", "SRC", _source, _restore),
 )

@@ -511,6 +511,7 @@ async def _progress(report: _Report, started: float) -> AsyncIterator[None]:
 COMMAND = Command(
     name="check",
     summary="verify the whole library: every blob against its record, and the index itself",
+    usage="[--repair] [--json]",
     arguments=_arguments,
     run=_run,
 )

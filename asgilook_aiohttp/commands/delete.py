@@ -79,6 +79,7 @@ async def _run(config: Config, args: argparse.Namespace) -> int:
 COMMAND = Command(
     name="delete",
     summary="take images down without their delete tokens, with the server running",
+    usage="ID [ID ...] [--reason TEXT]",
     arguments=_arguments,
     run=_run,
 )
