@@ -4,10 +4,13 @@ while the server runs."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from asgilook_aiohttp.storage.backends import INDEX_FILE
 
 import samples
 from checks import stored_files
@@ -77,7 +80,11 @@ async def test_an_id_that_names_no_image_is_said_and_the_rest_are_deleted(
     async with running(storage) as server:
         image_id = await upload_with_thumbnail(session, server)
         status, out, _ = await run_command(
-            "delete", "--storage", str(storage), absent, f"{server.url}/images/{image_id}.jpeg"
+            "delete",
+            "--storage",
+            str(storage),
+            absent,
+            f"{server.url}/thumbnails/{image_id}/1x1.jpeg?x#y",
         )
         assert status == 1
         assert f"{absent}: no such image in the library in {storage}\n" in out
@@ -89,6 +96,7 @@ async def test_an_id_that_names_no_image_is_said_and_the_rest_are_deleted(
     ("argv", "said"),
     [
         (["not-an-id"], "is not an image id"),
+        (["/images/not-an-id.jpeg"], "is not an image id"),
         ([], "the following arguments are required: ID"),
     ],
 )
@@ -123,3 +131,24 @@ async def test_a_node_on_a_shared_library_answers_404_at_once(
     for node in nodes:
         assert await statuses(node, image_id) == {404}
     assert not [key for key in await library.object_keys() if image_id in key]
+
+
+async def test_an_index_held_by_another_writer_leaves_the_image_and_says_why(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    storage = tmp_path / "storage"
+    async with running(storage) as server:
+        image_id = await upload_with_thumbnail(session, server)
+    writer = sqlite3.connect(storage / INDEX_FILE, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # as a process that keeps writing would
+        status, out, err = await run_command(
+            "delete", "--storage", str(storage), "--dependency-timeout", "0.5", image_id
+        )
+    finally:
+        writer.close()
+    assert status == 1
+    assert out.startswith(f"{image_id}: not deleted: SQLite is unavailable")
+    assert "Traceback" not in err
+    async with running(storage) as server:
+        assert await statuses(server, image_id) == {200}

@@ -12,23 +12,32 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
-import uuid
+import re
+import urllib.parse
 
 from ..config import Config
-from ..storage.ports import BlobMissing, image_key
+from ..storage.ports import BlobMissing, Unavailable, image_key
 from . import Command
-from .attached import attached, describe
+from .attached import Attached, attached, describe
 
 _log = logging.getLogger("asgilook_aiohttp.moderation")
 
 
+_UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# An id, or the path of any URL of the image: its object, its file or a thumbnail.
+_ID_OR_PATH = re.compile(
+    rf"(?:.*/(?:images|thumbnails)/)?(?P<id>{_UUID})(?:\.jpeg|/[1-9][0-9]*x[1-9][0-9]*\.jpeg)?",
+    re.IGNORECASE,
+)
+
+
 def _image_id(text: str) -> str:
-    try:
-        return str(uuid.UUID(text.removesuffix(".jpeg").rpartition("/")[2]))
-    except ValueError:
+    match = _ID_OR_PATH.fullmatch(urllib.parse.urlsplit(text.strip()).path)
+    if match is None:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not an image id (or the URL of an image)"
-        ) from None
+            f"{text!r} is not an image id, nor the URL of an image or of one of its thumbnails"
+        )
+    return match["id"].lower()
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +46,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="ID",
         type=_image_id,
-        help="an image's id, or its URL (/images/ID or /images/ID.jpeg)",
+        help="an image's id, or any URL of it (/images/ID, /images/ID.jpeg, a thumbnail's)",
     )
     parser.add_argument(
         "--reason",
@@ -49,31 +58,38 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 async def _run(config: Config, args: argparse.Namespace) -> int:
     reason = " ".join(args.reason.split()) or "none given"
     operator = getpass.getuser()
-    missing = left = 0
+    problems = 0
     async with attached(config) as library:
         for image_id in dict.fromkeys(args.ids):
-            journal = library.journal
-            deleted = await library.index.delete(image_id, None, journal.owner, journal.lease)
-            if deleted is None:
-                missing += 1
-                print(f"{image_id}: no such image in {describe(config)}")
-                continue
-            await journal.undo([image_id])
-            _log.warning(
-                "image %s deleted by the operator (%s); reason: %s", image_id, operator, reason
-            )
-            try:
-                await (await library.blobs.body(image_key(image_id), 0, 0)).close()
-            except BlobMissing:
-                print(f"{image_id}: deleted")
-            else:
-                left += 1
-                print(
-                    f"{image_id}: deleted from the index, so never served again; its files "
-                    f"could not be removed now, and the server removes them within "
-                    f"{config.lease_seconds:g} seconds"
-                )
-    return 1 if missing or left else 0
+            done, said = await _delete(library, config, image_id, operator, reason)
+            problems += not done
+            print(f"{image_id}: {said}")
+    return 1 if problems else 0
+
+
+async def _delete(
+    library: Attached, config: Config, image_id: str, operator: str, reason: str
+) -> tuple[bool, str]:
+    """Whether the image and its files are gone, and what to say of it."""
+    journal = library.journal
+    try:
+        deleted = await library.index.delete(image_id, None, journal.owner, journal.lease)
+    except Unavailable as error:
+        return False, f"not deleted: {error}"
+    if deleted is None:
+        return False, f"no such image in {describe(config)}"
+    await journal.undo([image_id])
+    _log.warning("image %s deleted by the operator (%s); reason: %s", image_id, operator, reason)
+    try:
+        await (await library.blobs.body(image_key(image_id), 0, 0)).close()
+    except BlobMissing:
+        return True, "deleted"
+    except Unavailable:
+        pass
+    return False, (
+        "deleted from the index, so never served again; its files could not be removed "
+        f"now, and the server removes them within {config.lease_seconds:g} seconds"
+    )
 
 
 COMMAND = Command(
