@@ -4,6 +4,7 @@ while the server runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -152,3 +153,29 @@ async def test_an_index_held_by_another_writer_leaves_the_image_and_says_why(
     assert "Traceback" not in err
     async with running(storage) as server:
         assert await statuses(server, image_id) == {200}
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [
+        (None, "is an empty index, not a library"),
+        (3, "has the index schema of an earlier release (version 3); start this release's"),
+        (99, "has index schema version 99, from a later release"),
+    ],
+)
+async def test_an_index_not_of_this_release_is_neither_made_nor_upgraded(
+    tmp_path: Path, version: int | None, said: str
+) -> None:
+    index = tmp_path / INDEX_FILE
+    index.touch()
+    if version is not None:
+        with contextlib.closing(sqlite3.connect(index)) as db:
+            db.execute(f"PRAGMA user_version = {version}")
+    before = index.read_bytes()
+    status, _, err = await run_command(
+        "delete", "--storage", str(tmp_path), "00000000-0000-4000-8000-000000000000"
+    )
+    assert status == 2
+    assert said in err
+    assert index.read_bytes() == before
+    assert not (tmp_path / "images").exists()

@@ -2,13 +2,14 @@
 
 A command is one more node to the others: it journals what it works on, under its own
 owner, so the server's processes and nodes leave it alone, and it takes nothing from
-their scratch space or their reserves. It never creates a library: a storage directory
-without an index is an error.
+their scratch space or their reserves. It never creates a library, nor upgrades one: a storage
+directory without an index of this release's schema is an error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from ..journal import Journal
 from ..storage.backends import INDEX_FILE, backends
 from ..storage.ports import Blobs, Index, Unavailable
 from ..storage.scratch import Scratch
+from ..storage.sqlite import SCHEMA_VERSION
 
 
 class CannotRun(Exception):
@@ -37,14 +39,38 @@ def describe(config: Config) -> str:
     return f"the library in {config.storage_path}"
 
 
+def _check_index_file(config: Config) -> None:
+    """Raise ``CannotRun`` unless the storage holds an index of this release's schema:
+    opening any other would create one, or upgrade it under the server that serves it."""
+    path = config.storage_path / INDEX_FILE
+    if not path.is_file():
+        raise CannotRun(
+            f"there is no library in {path.parent} (no {INDEX_FILE}); give the server's --storage"
+        )
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+    except sqlite3.Error as error:
+        raise CannotRun(f"cannot open {describe(config)}: {error}") from None
+    if version == 0:
+        raise CannotRun(f"{path} is an empty index, not a library; give the server's --storage")
+    if version < SCHEMA_VERSION:
+        raise CannotRun(
+            f"{path} has the index schema of an earlier release (version {version}); start "
+            f"this release's server on it once, which upgrades it (to version {SCHEMA_VERSION})"
+        )
+    if version > SCHEMA_VERSION:
+        raise CannotRun(
+            f"{path} has index schema version {version}, from a later release than this one "
+            f"(which reads version {SCHEMA_VERSION}): upgrade asgilook-aiohttp"
+        )
+
+
 @contextlib.asynccontextmanager
 async def attached(config: Config) -> AsyncIterator[Attached]:
     """The index and blobs ``config`` names, open; raises ``CannotRun``."""
-    if not config.shared_storage and not (config.storage_path / INDEX_FILE).is_file():
-        raise CannotRun(
-            f"there is no library in {config.storage_path} (no {INDEX_FILE}); "
-            "give the server's --storage"
-        )
+    if not config.shared_storage:
+        _check_index_file(config)
     scratch = Scratch(config.storage_path)
     # In staging/, named for this process: whatever it leaves, the server's next start
     # removes.
