@@ -59,13 +59,13 @@ class Cors:
 
     def allowed(self, request: web.BaseRequest) -> str | None:
         """What ``Access-Control-Allow-Origin`` says to this request; None for a request
-        from an origin that is not allowed, or from no origin."""
-        origin = request.headers.get(hdrs.ORIGIN)
-        if origin is None:
-            return None
+        from an origin that is not allowed, or from no origin where origins are named.
+        With any origin allowed, every answer says so, asked or not: a cache that kept
+        one asked without an origin (an ``<img>``'s, a CDN's) gives it to pages too."""
         if self._any:
             return ANY
-        return origin if origin.lower() in self._origins else None
+        origin = request.headers.get(hdrs.ORIGIN)
+        return origin if origin is not None and origin.lower() in self._origins else None
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         if not self._any:

@@ -154,6 +154,10 @@ async def test_any_origin(make_client: ClientFactory) -> None:
     response = await client.get("/images", headers={"Origin": "https://anywhere.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "origin" not in vary(response)  # the same answer for every origin
+    # Asked without an origin too, as an <img> or a CDN would, and then kept for pages.
+    response = await client.get("/images")
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "ETag" in response.headers["Access-Control-Expose-Headers"]
     response = await client.options(
         "/images",
         headers={"Origin": "https://anywhere.example", "Access-Control-Request-Method": "POST"},
