@@ -136,13 +136,16 @@ class Config:
         for setting in _SETTINGS:
             if (value := flags.get(setting.name)) is not None:
                 values.setdefault(setting.target, tuple(value) if setting.many else value)
+        # What a source further up has set is not read again: a value it overrides may be
+        # one that cannot be read here (a file that is only on another machine, say).
         for setting in _SETTINGS:
+            if setting.target in values:
+                continue
             if (value := setting.from_environ(environ, parser)) is not None:
-                values.setdefault(setting.target, value)
+                values[setting.target] = value
         config_file = flags.get("config") or environ.get(CONFIG_VARIABLE)
         if config_file:
-            for target, value in _read_file(Path(config_file), parser).items():
-                values.setdefault(target, value)
+            _read_file(Path(config_file), parser, values)
         values.setdefault("storage_path", default_storage_path(environ))
         config = cls(**values)
         if (config.index == "sqlite") != (config.blobs == "file"):
@@ -167,8 +170,9 @@ def parse_command_line(
     return vars(parser.parse_args(argv)), parser
 
 
-def _read_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The settings a configuration file sets, by Config field."""
+def _read_file(path: Path, parser: argparse.ArgumentParser, values: dict[str, Any]) -> None:
+    """Add to ``values`` (by Config field) the settings a configuration file sets that
+    they do not have yet."""
     try:
         with path.open("rb") as file:
             document = tomllib.load(file)
@@ -177,7 +181,6 @@ def _read_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         parser.exit(2, f"asgilook-aiohttp: the configuration file {path} is not TOML: {error}\n")
     by_key = {setting.key: setting for setting in _SETTINGS if setting.flag is not None}
-    values: dict[str, Any] = {}
     for key, value in document.items():
         if (setting := by_key.get(key)) is None:
             parser.exit(
@@ -186,13 +189,14 @@ def _read_file(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
                 f"{key!r}; the settings are the flags' names without their dashes: "
                 f"{', '.join(sorted(by_key))}\n",
             )
+        if setting.target in values:
+            continue
         try:
-            values.setdefault(setting.target, setting.from_value(value))
+            values[setting.target] = setting.from_value(value)
         except ValueError as error:
             parser.exit(
                 2, f"asgilook-aiohttp: the configuration file {path}: {key} = {value!r}: {error}\n"
             )
-    return values
 
 
 def _kind(setting: str) -> str:

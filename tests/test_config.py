@@ -290,3 +290,11 @@ def test_a_mixed_pair_exits_with_one_line(
     said = capsys.readouterr().err
     assert said.startswith("asgilook-aiohttp: --index ")
     assert said.count("\n") == 1
+
+
+def test_a_value_overridden_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "asgilook.toml"
+    path.write_text(f'write-token-file = "{tmp_path / "only-on-the-server"}"\nport = "many"\n')
+    env = {"ASGILOOK_WRITE_TOKEN": "s3cret", "ASGILOOK_WORKERS": "many"}
+    config = Config.from_sources(["--config", str(path), "--workers", "2", "--port", "1"], env)
+    assert (config.write_token, config.workers, config.port) == ("s3cret", 2, 1)
