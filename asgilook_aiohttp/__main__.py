@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(command: Command, config: Config, flags: dict[str, object]) -> int:
     try:
         return asyncio.run(command.run(config, argparse.Namespace(**flags)))
-    except attached.CannotRun as error:
+    except (attached.CannotRun, OSError) as error:
+        # OSError: what the system refused the command itself (a directory it may not
+        # write in, a full disk), as opposed to the problems it reports and goes on.
         print(f"asgilook-aiohttp {command.name}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
