@@ -17,6 +17,8 @@ from asgilook_aiohttp.connections import SPARE_DESCRIPTORS
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SERVICE = DEPLOY / "asgilook-aiohttp.service"
 SOCKET = DEPLOY / "asgilook-aiohttp.socket"
+BACKUP_SERVICE = DEPLOY / "asgilook-aiohttp-backup.service"
+BACKUP_TIMER = DEPLOY / "asgilook-aiohttp-backup.timer"
 INSTALLED_EXEC_START = "/opt/asgilook-aiohttp/bin/asgilook-aiohttp"
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # systemd-analyze security's overall exposure, times ten (1.2 when this was written).
@@ -119,7 +121,7 @@ def systemd_analyze() -> str:
     return found
 
 
-def test_systemd_analyze_verify_accepts_both_units(tmp_path: Path) -> None:
+def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
     analyze = systemd_analyze()
     # verify insists that ExecStart= exists, so point it at this environment's script.
     script = Path(sys.executable).parent / "asgilook-aiohttp"
@@ -130,9 +132,11 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path: Path) -> None:
         text.replace(f"ExecStart={INSTALLED_EXEC_START}", f"ExecStart={script}"),
         encoding="utf-8",
     )
-    shutil.copy(SOCKET, tmp_path / SOCKET.name)
+    for unit in (SOCKET, BACKUP_SERVICE, BACKUP_TIMER):
+        shutil.copy(unit, tmp_path / unit.name)
+    names = (SOCKET.name, SERVICE.name, BACKUP_SERVICE.name, BACKUP_TIMER.name)
     result = subprocess.run(
-        [analyze, "verify", str(tmp_path / SOCKET.name), str(tmp_path / SERVICE.name)],
+        [analyze, "verify", *(str(tmp_path / name) for name in names)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -140,6 +144,21 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path: Path) -> None:
         check=False,
     )
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def test_the_nightly_backup_runs_as_the_owner_of_the_library() -> None:
+    backup = parse_unit(BACKUP_SERVICE)
+    assert last(backup, "Service", "Type") == "oneshot"
+    command = last(backup, "Service", "ExecStart")
+    assert command.startswith("/bin/sh -c 'exec setpriv --reuid=")
+    assert f"{INSTALLED_EXEC_START} backup " in command
+    library = dict(assignment.split("=", 1) for assignment in backup["Service"]["Environment"])[
+        "LIBRARY"
+    ]
+    # Where the service's StateDirectory= is, under DynamicUser=.
+    assert library == f"/var/lib/private/{last(parse_unit(SERVICE), 'Service', 'StateDirectory')}"
+    assert last(backup, "Unit", "ConditionPathExists") == f"{library}/index.sqlite3"
+    assert last(parse_unit(BACKUP_TIMER), "Timer", "Persistent") == "true"
 
 
 def test_systemd_analyze_security_exposure_stays_low() -> None:
