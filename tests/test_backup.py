@@ -203,16 +203,33 @@ async def test_restore_into_an_empty_storage_and_only_there(
     assert status == 2
     assert f"{source} is not empty" in err
 
-    # What a restore interrupted before its index was written leaves, the next one keeps.
+    # What a restore interrupted before its index was written leaves, the next one from
+    # the same backup keeps; what it did not mark as its own, no restore touches.
     shutil.rmtree(restored)
     restored.mkdir()
     (restored / "staging").mkdir()
     copy_path = image_file(restored, image["id"])
     copy_path.parent.mkdir(parents=True)
     shutil.copy(image_file(backup, image["id"]), copy_path)
+    only_copy = image_file(restored, str(uuid.uuid4()))
+    only_copy.parent.mkdir(parents=True, exist_ok=True)
+    only_copy.write_bytes(b"someone's only copy")
+    status, out, err = await command("restore", "--storage", restored, backup)
+    assert (status, out) == (2, "")
+    assert f"{restored} is not empty" in err
+    marker = restored / f"{INDEX_FILE}-copying"
+    marker.write_text(f"restore from {source}\n")
+    status, out, err = await command("restore", "--storage", restored, backup)
+    assert (status, out) == (2, "")
+    assert f"{restored} holds an interrupted copy that is not this one" in err
+    assert only_copy.exists()
+
+    only_copy.unlink()
+    marker.write_text(f"restore from {backup}\n")
     status, out, err = await command("restore", "--storage", restored, backup)
     assert status == 0, err
     assert ": 0 copied (0.0 MB), 1 already there, 0 removed" in out
+    assert not marker.exists()
 
 
 async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
@@ -243,14 +260,15 @@ async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
             assert response.status == 404
 
 
-def library_of(storage: Path, count: int) -> None:
-    """A library of ``count`` images written directly, as a server would have left it."""
+def library_of(storage: Path, count: int, first: int = 0) -> None:
+    """A library of ``count`` images written directly, as a server would have left it; the
+    ids are made of the numbers from ``first`` on."""
     storage.mkdir()
     asyncio.run(create_index(storage))
     data = jpeg(0, (32, 24))
     rows = []
     for number in range(count):
-        image_id = str(uuid.UUID(int=number, version=4))
+        image_id = str(uuid.UUID(int=first + number, version=4))
         path = image_file(storage, image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -280,7 +298,11 @@ async def test_an_interrupted_backup_leaves_no_index_and_the_next_one_resumes(
     process.send_signal(signal.SIGINT)
     out, _ = await process.communicate()
     assert (process.returncode, out) == (130, b"")
-    assert sorted(path.name for path in backup.iterdir()) == ["images", "staging"]
+    assert sorted(path.name for path in backup.iterdir()) == [
+        "images",
+        f"{INDEX_FILE}-copying",
+        "staging",
+    ]
     assert not any((backup / "staging").iterdir())
     kept = len(stored_files(backup))
 
@@ -307,7 +329,7 @@ async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) 
         pass
     status, _, err = await command("backup", "--storage", tmp_path / "storage", elsewhere)
     assert status == 2
-    assert "neither empty nor a library" in err
+    assert f"{elsewhere} is not a backup of this library made by backup" in err
     status, _, err = await command(
         "backup", "--storage", tmp_path / "storage", tmp_path / "storage" / "backup"
     )
@@ -345,3 +367,81 @@ async def test_an_index_held_by_the_server_alone_is_waited_for_then_refused(
         )
     assert status == 2
     assert "the server holds it to itself while the disk is too full" in err
+
+
+async def test_only_a_backup_of_this_library_that_no_server_was_started_on_is_updated(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    library, other, backup = tmp_path / "library", tmp_path / "other", tmp_path / "backup"
+    await asyncio.to_thread(library_of, library, 2)
+    await asyncio.to_thread(library_of, other, 1, 100)
+    others = stored_files(other)
+    status, out, err = await command("backup", "--storage", library, other)
+    assert (status, out) == (2, "")
+    assert f"{other} is not a backup of this library made by backup" in err
+    assert stored_files(other) == others
+
+    await back_up(library, backup)
+    assert sorted(path.name for path in backup.glob(f"{INDEX_FILE}-*")) == [
+        f"{INDEX_FILE}-backup-of"
+    ]
+    status, _, err = await command("backup", "--storage", other, backup)
+    assert status == 2
+    assert f"{backup} is not a backup of this library made by backup" in err
+
+    async with running(backup) as server:
+        added = await upload(session, server.url, 1)
+    status, out, err = await command("backup", "--storage", library, backup)
+    assert (status, out) == (2, "")
+    assert f"a server has been started on {backup}" in err
+    assert image_file(backup, added["id"]).exists()
+
+
+async def test_a_restore_writes_nothing_into_the_backup_which_may_be_read_only(
+    tmp_path: Path,
+) -> None:
+    library, backup, restored = tmp_path / "library", tmp_path / "backup", tmp_path / "restored"
+    await asyncio.to_thread(library_of, library, 3)
+    await back_up(library, backup)
+    # Rollback journal mode, 1 in both format bytes: no -wal nor -shm for a reader to make.
+    assert (backup / INDEX_FILE).read_bytes()[18:20] == b"\x01\x01"
+    before = sorted(backup.rglob("*"))
+    for path in [backup, *before]:  # root writes anyway: hence the listing
+        path.chmod(path.stat().st_mode & ~0o222)
+    status, _, err = await command("restore", "--storage", restored, backup)
+    assert status == 0, err
+    assert sorted(backup.rglob("*")) == before
+    assert len(assert_every_row_has_its_file_and_nothing_else(restored)) == 3
+
+
+async def test_a_destination_that_cannot_be_written_is_said_in_one_line(tmp_path: Path) -> None:
+    library, file = tmp_path / "library", tmp_path / "file"
+    await asyncio.to_thread(library_of, library, 1)
+    file.write_text("not a directory")
+    status, out, err = await command("backup", "--storage", library, file / "backup")
+    assert (status, out) == (2, "")
+    assert re.fullmatch(
+        rf"asgilook-aiohttp backup: could not copy into {file / 'backup'}: .*Not a directory.*\n",
+        err,
+    )
+
+
+async def test_what_a_repair_set_aside_is_backed_up_too(tmp_path: Path) -> None:
+    library, backup = tmp_path / "library", tmp_path / "backup"
+    await asyncio.to_thread(library_of, library, 1)
+    aside = library / "set-aside"
+    aside.mkdir()
+    (aside / "a.jpeg").write_bytes(b"a" * 10)
+    (aside / "b.jpeg").write_bytes(b"b" * 20)
+    assert (
+        ": 1 copied (0.0 MB), 0 already there, 0 removed, set-aside/: 2 copied, 0 removed, in "
+        in (await back_up(library, backup))
+    )
+    (aside / "a.jpeg").unlink()
+    (aside / "c.jpeg").write_bytes(b"c")
+    assert (
+        ": 0 copied (0.0 MB), 1 already there, 0 removed, set-aside/: 1 copied, 1 removed, in "
+        in (await back_up(library, backup))
+    )
+    copied = {path.name: path.read_bytes() for path in (backup / "set-aside").iterdir()}
+    assert copied == {"b.jpeg": b"b" * 20, "c.jpeg": b"c"}

@@ -19,6 +19,14 @@ too, was deleted after the snapshot: the copy records the deletion, as the serve
 that is gone while its row is still there was lost, and one whose bytes are not what its
 row says would be sent with the wrong length and digest: either is left out of the copy,
 named on standard error, and makes the exit status 1 (``check`` tells the rest).
+
+The files ``check --repair`` set aside are copied too, by name and size: they never change.
+
+A copy says what it is a copy of, in a marker beside its index: ``-copying`` while it is
+made, renamed ``-backup-of`` once it is complete (a restored library keeps none). Files
+are only ever removed from a destination whose marker names this very copy (this library,
+or this restore's source) and that no server has been started on since: anything else may
+be a library's only copy of an image.
 """
 
 from __future__ import annotations
@@ -35,16 +43,17 @@ import sqlite3
 import struct
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
-from ..storage.backends import INDEX_FILE
-from ..storage.durable import fsync_directory, move_into_place
+from ..storage.backends import INDEX_FILE, RESERVE_FILE
+from ..storage.durable import fsync_directory, move_into_place, place_durably, write_durably
 from ..storage.files import LocalBlobs, Placement
-from ..storage.ports import image_key
+from ..storage.ports import SET_ASIDE, image_key
 from ..storage.scratch import Scratch
 from ..storage.sqlite import SCHEMA_VERSION, is_locked
 from . import Command
@@ -56,7 +65,16 @@ _COPIERS = 8
 _BATCH = 512
 _CHUNK = 1024 * 1024
 _PROGRESS_EVERY = 5.0
-_FIRST_COPY_LEFT = ("images", "staging")
+_LIBRARY_ID = f"{INDEX_FILE}-library-id"
+"""Beside a library's index: the identity its backups are marked with, made by its first
+backup (the index's schema is the server's)."""
+_COPYING = f"{INDEX_FILE}-copying"
+"""Beside a copy's index while it is made: what it is a copy of."""
+_BACKUP_OF = f"{INDEX_FILE}-backup-of"
+"""``_COPYING``, renamed once the backup is complete."""
+_WAL_HEADER = 2
+"""The file format version bytes of an index in WAL mode (offsets 18 and 19): a copy is
+written in rollback journal mode, and a server switches it to WAL when it starts on it."""
 _DMS_BYTE = 128
 """The byte of the ``-shm`` file each SQLite connection to a WAL index holds a read lock
 on while it is open (its "dead man switch"): held by another process, a server."""
@@ -67,7 +85,8 @@ def _destination(parser: argparse.ArgumentParser) -> None:
         "destination",
         metavar="DEST",
         type=Path,
-        help="a new or empty directory, or an earlier backup (then only new images are copied)",
+        help="a new or empty directory, or an earlier backup of this library (then only new "
+        "images are copied)",
     )
 
 
@@ -78,21 +97,24 @@ def _source(parser: argparse.ArgumentParser) -> None:
 
 
 async def _back_up(config: Config, args: argparse.Namespace) -> int:
-    _embedded_only(config)
-    _interruptible()
-    return _copy_library(config.storage_path, args.destination, config)
+    return _run(config.storage_path, args.destination, config, restoring=False)
 
 
 async def _restore(config: Config, args: argparse.Namespace) -> int:
+    return _run(args.source, config.storage_path, config, restoring=True)
+
+
+def _run(source: Path, target: Path, config: Config, *, restoring: bool) -> int:
     _embedded_only(config)
-    target = config.storage_path
-    if target.exists() and (not target.is_dir() or not _empty(target)):
-        raise CannotRun(
-            f"{target} is not empty: restore only into an empty or new storage directory "
-            f"(or start the server with --storage {args.source}, a backup being one)"
-        )
     _interruptible()
-    return _copy_library(args.source, target, config, restoring=True)
+    try:
+        return _copy_library(source, target, config, restoring=restoring)
+    except (OSError, sqlite3.Error) as error:
+        # The target holds a consistent copy, or none, whenever this stops.
+        raise CannotRun(
+            f"could not copy into {target}: {error}; once that is fixed, run this again: it "
+            "carries on from what is there"
+        ) from None
 
 
 def _interruptible() -> None:
@@ -127,19 +149,27 @@ class _Tally:
     there: int = 0
     copied: int = 0
     copied_bytes: int = 0
+    set_aside: int = 0
+    """Files of ``set-aside/`` copied."""
     gone: list[str] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
     directories: set[Path] = field(default_factory=set)
     """Whose entries changed: fsynced before the index names the files in them."""
 
 
-def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool = False) -> int:
+def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool) -> int:
     started = time.monotonic()
     source, target = source.resolve(), target.resolve()
     _check_places(source, target)
     index, timeout = source / INDEX_FILE, config.dependency_timeout
     with contextlib.ExitStack() as resources:
-        live = resources.enter_context(contextlib.closing(_open_live(index, timeout)))
+        live = resources.enter_context(
+            # A library in WAL mode (not a backup) may have rows in its -wal still.
+            contextlib.closing(
+                _open_live(index, timeout, immutable=restoring and not _in_wal_mode(index))
+            )
+        )
+        copy_of = f"restore from {source}" if restoring else f"backup of {_library_id(source)}"
 
         def still_indexed(image_id: str) -> bool:
             with _reading(index, timeout):
@@ -148,8 +178,15 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
 
         target.mkdir(parents=True, exist_ok=True)
         resources.enter_context(_held(target))
+        _check_target(target, copy_of, restoring=restoring)
         scratch = Scratch(target)
         scratch.open()
+        place_durably(
+            f"{copy_of}\n".encode(),
+            str(scratch.path(".marker")),
+            str(target / _COPYING),
+            cached=True,
+        )
         snapshot_path = scratch.path(".sqlite3")
         resources.callback(snapshot_path.unlink, missing_ok=True)
         resources.callback(
@@ -168,6 +205,7 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
             snapshot, source, target, scratch, unnamed, still_indexed=still_indexed
         )
         _leave_out(snapshot, tally.gone + tally.wrong)
+        stale_aside = _copy_set_aside(source, target, scratch, tally)
         images, image_bytes = snapshot.execute(
             "SELECT count(*), coalesce(sum(bytes), 0) FROM images"
         ).fetchone()
@@ -178,9 +216,14 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
         with ThreadPoolExecutor(_COPIERS) as pool:
             list(pool.map(fsync_directory, tally.directories))
         _install(snapshot, target / INDEX_FILE, timeout)
-        for path in unnamed.values():
+        for path in [*unnamed.values(), *stale_aside]:
             Path(path).unlink(missing_ok=True)
         shutil.rmtree(target / "thumbnails", ignore_errors=True)
+        if restoring:
+            (target / _COPYING).unlink()
+        else:
+            (target / _COPYING).rename(target / _BACKUP_OF)
+        fsync_directory(target)
     what = (
         f"restored {images:,} images ({_size(image_bytes)}) from {source} into {target}"
         if restoring
@@ -191,6 +234,11 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
         f"already there, {len(unnamed):,} removed"
         + (f", {len(tally.gone):,} deleted meanwhile" if tally.gone else "")
         + (f", {len(tally.wrong):,} left out (run check)" if tally.wrong else "")
+        + (
+            f", set-aside/: {tally.set_aside:,} copied, {len(stale_aside):,} removed"
+            if tally.set_aside or stale_aside
+            else ""
+        )
         + f", in {time.monotonic() - started:.1f} s"
     )
     return 1 if tally.wrong else 0
@@ -202,26 +250,78 @@ def _check_places(source: Path, target: Path) -> None:
             f"{target} is inside the library it would copy, {source}: give a directory "
             "elsewhere, on another disk at best"
         )
-    if not target.exists():
-        return
-    if not target.is_dir():
+    if target.exists() and not target.is_dir():
         raise CannotRun(f"{target} is not a directory")
-    if not (target / INDEX_FILE).is_file():
-        if not _empty(target):
-            raise CannotRun(
-                f"{target} is neither empty nor a library (no {INDEX_FILE}): give a new or "
-                "empty directory, or an earlier backup"
-            )
-    elif _served(target / INDEX_FILE):
+
+
+def _check_target(target: Path, copy_of: str, *, restoring: bool) -> None:
+    """Refuse a ``target`` that holds anything but an earlier ``copy_of`` (complete or
+    not) that no server has been started on: files in it the copy does not name are
+    removed."""
+    if not any(target.iterdir()):
+        return
+    if _served(target / INDEX_FILE):
         raise CannotRun(f"a server is running on {target}: stop it first")
+    interrupted = _marker(target / _COPYING)
+    if interrupted is not None and interrupted != copy_of:
+        raise CannotRun(
+            f"{target} holds an interrupted copy that is not this one ({interrupted}): "
+            "finish that one, or give a new or empty directory"
+        )
+    if interrupted is None and restoring:
+        raise CannotRun(
+            f"{target} is not empty: restore only into an empty or new storage directory "
+            "(or start the server with --storage on the backup)"
+        )
+    if interrupted is None and _marker(target / _BACKUP_OF) != copy_of:
+        raise CannotRun(
+            f"{target} is not a backup of this library made by backup (its {_BACKUP_OF} "
+            "would say so): give a new or empty directory"
+        )
+    if _started_on(target):
+        raise CannotRun(
+            f"a server has been started on {target}: it is a library of its own now, whose "
+            "images a backup would remove; give a new or empty directory"
+        )
 
 
-def _empty(directory: Path) -> bool:
-    """Whether ``directory`` has no library, nor anything else but what a first copy into
-    it that was interrupted left: that copy's files, kept by the next one."""
-    return not (directory / INDEX_FILE).exists() and all(
-        entry.name in _FIRST_COPY_LEFT for entry in directory.iterdir()
-    )
+def _marker(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _started_on(storage: Path) -> bool:
+    """Whether a server has ever been started on ``storage``: it sets its reserve up, and
+    switches the index to WAL."""
+    return any(storage.glob(f"{RESERVE_FILE}*")) or _in_wal_mode(storage / INDEX_FILE)
+
+
+def _in_wal_mode(index: Path) -> bool:
+    try:
+        with open(index, "rb") as file:
+            header = file.read(20)
+    except FileNotFoundError:
+        return False
+    return _WAL_HEADER in header[18:20]
+
+
+def _library_id(storage: Path) -> str:
+    """The library's identity, made and stored beside its index the first time."""
+    path = storage / _LIBRARY_ID
+    if (known := _marker(path)) is None:
+        made = storage / f"{_LIBRARY_ID}.{os.getpid()}"
+        write_durably(made, f"library {uuid.uuid4()}\n".encode())
+        try:
+            # A link never replaces the one another backup made meanwhile.
+            with contextlib.suppress(FileExistsError):
+                os.link(made, path)
+        finally:
+            made.unlink()
+        fsync_directory(storage)
+        known = path.read_text().strip()
+    return known
 
 
 @contextlib.contextmanager
@@ -253,17 +353,20 @@ def _served(index: Path) -> bool:
     return bool(struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK)
 
 
-def _open_live(index: Path, timeout: float) -> sqlite3.Connection:
-    """The library's index, open to read, if this release reads it; raises ``CannotRun``."""
+def _open_live(index: Path, timeout: float, *, immutable: bool) -> sqlite3.Connection:
+    """The library's index, open to read only, if this release reads it; raises
+    ``CannotRun``. ``immutable``: nothing writes to it, nor has left a -wal (a backup);
+    it then needs no write access, and gets no -wal nor -shm file."""
     if not index.is_file():
         raise CannotRun(f"there is no library in {index.parent} (no {INDEX_FILE})")
     with _reading(index, timeout):
-        # mode=rw: never create an index where there is none.
         live = sqlite3.connect(
-            f"{index.as_uri()}?mode=rw", uri=True, timeout=timeout, isolation_level=None
+            f"{index.as_uri()}?mode=ro{'&immutable=1' if immutable else ''}",
+            uri=True,
+            timeout=timeout,
+            isolation_level=None,
         )
         try:
-            live.execute("PRAGMA query_only=ON")
             (version,) = live.execute("PRAGMA user_version").fetchone()
         except BaseException:
             live.close()
@@ -360,14 +463,7 @@ def _copy_images(
         place = copies(image_id)
         if known and _size_of(place.final) == nbytes:
             return _Outcome.THERE, []
-        staging = str(scratch.path(".jpeg"))
-        try:
-            outcome = _copy_file(originals(image_id).final, staging, nbytes, sha256)
-            if outcome is not _Outcome.COPIED:
-                return outcome, []
-            return outcome, move_into_place(staging, place.final)
-        finally:
-            Path(staging).unlink(missing_ok=True)
+        return _copy_into(originals(image_id).final, place.final, scratch, (nbytes, sha256))
 
     rows = snapshot.execute("SELECT id, bytes, sha256 FROM images ORDER BY seq")
     with ThreadPoolExecutor(_COPIERS) as pool:
@@ -415,9 +511,57 @@ def _size_of(path: str) -> int | None:
         return None
 
 
-def _copy_file(original: str, staging: str, nbytes: int, sha256: str) -> _Outcome:
-    """Copy ``original`` to ``staging``, durably, if its bytes and the copy's, read back
-    from the disk, are those the index names."""
+def _copy_set_aside(source: Path, target: Path, scratch: Scratch, tally: _Tally) -> list[str]:
+    """Copy the files of ``source``'s ``set-aside/`` that ``target``'s lacks, counted in
+    ``tally``; those of ``target``'s that ``source`` no longer has."""
+    wanted, present = _listing(source / SET_ASIDE), _listing(target / SET_ASIDE)
+    missing = [name for name, nbytes in wanted.items() if present.get(name) != nbytes]
+
+    def copy(name: str) -> tuple[_Outcome, list[Path]]:
+        return _copy_into(
+            str(source / SET_ASIDE / name), str(target / SET_ASIDE / name), scratch, None
+        )
+
+    with ThreadPoolExecutor(_COPIERS) as pool:
+        for name, (outcome, changed) in zip(missing, pool.map(copy, missing), strict=True):
+            tally.directories.update(changed)
+            if outcome is _Outcome.COPIED:
+                tally.set_aside += 1
+            elif outcome is _Outcome.MISCOPIED:
+                original = source / SET_ASIDE / name
+                problem = outcome.value.format(original=original)
+                print(f"{SET_ASIDE}{name}: {problem}; left out of the copy", file=sys.stderr)
+                tally.wrong.append(f"{SET_ASIDE}{name}")
+    return [str(target / SET_ASIDE / name) for name in present.keys() - wanted.keys()]
+
+
+def _listing(directory: Path) -> dict[str, int]:
+    """The sizes of the files in ``directory`` by their names."""
+    try:
+        with os.scandir(directory) as entries:
+            return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
+    except FileNotFoundError:
+        return {}
+
+
+def _copy_into(
+    original: str, final: str, scratch: Scratch, expected: tuple[int, str] | None
+) -> tuple[_Outcome, list[Path]]:
+    """Copy ``original`` to ``final`` by way of ``scratch``; the directories whose entries
+    changed."""
+    staging = str(scratch.path(".jpeg"))
+    try:
+        outcome = _copy_file(original, staging, expected)
+        if outcome is not _Outcome.COPIED:
+            return outcome, []
+        return outcome, move_into_place(staging, final)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
+def _copy_file(original: str, staging: str, expected: tuple[int, str] | None) -> _Outcome:
+    """Copy ``original`` to ``staging``, durably, if its size and SHA-256 are ``expected``
+    (when given) and the copy's, read back from the disk, are the same."""
     read = hashlib.sha256()
     try:
         with open(original, "rb") as source, open(staging, "xb") as copy:
@@ -433,10 +577,10 @@ def _copy_file(original: str, staging: str, nbytes: int, sha256: str) -> _Outcom
         if error.filename != original:
             raise
         return _Outcome.GONE
-    if (written, read.hexdigest()) != (nbytes, sha256):
+    if expected is not None and (written, read.hexdigest()) != expected:
         return _Outcome.WRONG
     with open(staging, "rb") as copy:
-        if hashlib.file_digest(copy, "sha256").hexdigest() != sha256:
+        if hashlib.file_digest(copy, "sha256").hexdigest() != read.hexdigest():
             return _Outcome.MISCOPIED
     return _Outcome.COPIED
 
@@ -461,7 +605,9 @@ def _install(snapshot: sqlite3.Connection, index: Path, timeout: float) -> None:
         with contextlib.closing(
             sqlite3.connect(index, timeout=timeout, isolation_level=None)
         ) as target:
-            target.execute("PRAGMA journal_mode=WAL")
+            # A plain set of files, for rsync or a read-only medium; a server started on
+            # the copy switches it to WAL.
+            target.execute("PRAGMA journal_mode=DELETE")
             target.execute("PRAGMA synchronous=FULL")
             snapshot.backup(target)
     except sqlite3.OperationalError as error:
