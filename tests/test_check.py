@@ -4,8 +4,10 @@ real server made and the test then damaged, through the console script."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -19,9 +21,9 @@ import pytest
 from asgilook_aiohttp.storage.backends import INDEX_FILE
 
 import samples
-from checks import image_file, index_rows
+from checks import image_file, index_rows, until
 from cluster import Library
-from serving import Server, run_command, running
+from serving import CONSOLE_SCRIPT, Server, run_command, running
 
 PNG = samples.encode(samples.two_tone((640, 480)), "PNG")
 
@@ -317,6 +319,78 @@ async def test_an_image_that_cannot_be_set_aside_is_left(
     assert query(storage, "SELECT count(*) FROM pending") == (0,)
 
 
+async def check_without_privilege(storage: Path, *flags: str) -> tuple[int, list[str]]:
+    """``check`` run as root without the capabilities that pass over files' permissions:
+    what it cannot read, it cannot read, as on a failing disk."""
+    process = await asyncio.create_subprocess_exec(
+        "setpriv",
+        "--bounding-set=-dac_override,-dac_read_search",
+        CONSOLE_SCRIPT,
+        "check",
+        "--storage",
+        str(storage),
+        *flags,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode in (0, 1), err.decode()
+    return process.returncode, out.decode().splitlines()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv, to check without the capabilities that pass over "
+    "files' permissions",
+)
+async def test_what_cannot_be_read_is_reported_and_the_check_goes_on(
+    embedded: tuple[Path, list[str]],
+) -> None:
+    storage, ids = embedded
+    unreadable, unlisted, readable = ids
+    image_file(storage, unreadable).chmod(0)
+    size = thumbnail_file(storage, unlisted).stem
+    thumbnails = thumbnail_file(storage, unlisted).parent
+    thumbnails.chmod(0)
+    unnamed = thumbnail_file(storage, readable).with_name("7x7.jpeg")
+    unnamed.write_bytes(b"a thumbnail no record names")
+    unnamed.chmod(0)
+    expected = sorted(
+        [
+            f"image {unreadable}: its blob images/{unreadable}.jpeg cannot be read: "
+            "Permission denied",
+            f"{blob_name(thumbnails, storage)}: cannot be listed: Permission denied",
+            f"thumbnail {size} of image {unlisted}: its blob "
+            f"thumbnails/{unlisted}/{size}.jpeg cannot be read: Permission denied",
+            f"{blob_name(unnamed, storage)}: no record names this blob, and it cannot be "
+            "read: Permission denied",
+        ]
+    )
+    status, lines = await check_without_privilege(storage)
+    assert status == 1
+    assert sorted(lines[:-1]) == expected
+    assert ": 3 images, 3 thumbnails, 6 blobs stored, " in lines[-1]
+    assert lines[-1].endswith("; 4 problems")
+
+    # A repair leaves them all as they are.
+    status, lines = await check_without_privilege(storage, "--repair")
+    assert status == 1
+    assert sorted(lines[:-1]) == expected
+    assert lines[-1].endswith("; 4 problems")
+    _, lines = await check_without_privilege(storage, "--repair", "--json")
+    document = json.loads("\n".join(lines))
+    assert {problem["kind"] for problem in document["problems"]} == {"unreadable"}
+    ids_of = [problem["id"] for problem in document["problems"]]
+    assert len(ids_of) == 4
+    assert set(ids_of) == {None, unreadable, unlisted, readable}
+    assert document["repaired"] == []
+    thumbnails.chmod(0o755)
+    assert index_rows(storage) == (3, 0)
+    assert query(storage, "SELECT count(*) FROM thumbnails") == (3,)
+    assert len(blob_files(storage)) == 7
+
+
 async def test_a_damaged_index_is_reported(embedded: tuple[Path, list[str]]) -> None:
     storage, ids = embedded
     with sqlite3.connect(storage / INDEX_FILE) as db:
@@ -376,6 +450,49 @@ async def test_a_library_that_cannot_be_opened_cannot_be_checked(tmp_path: Path)
     assert err == (
         f"asgilook-aiohttp check: cannot open the library in {tmp_path}: file is not a database\n"
     )
+
+
+async def test_a_thumbnail_made_again_while_the_records_are_read_is_not_unnamed(
+    embedded: tuple[Path, list[str]],
+) -> None:
+    """Its blob listed, its record passed while it was evicted, and made again before the
+    journal is read again: no journal entry, nor the record read, covers it."""
+    storage, ids = embedded
+    paused, remade = ids[:2]
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        row = db.execute("SELECT * FROM thumbnails WHERE image_id = ?", (remade,)).fetchone()
+        db.execute("DELETE FROM thumbnails WHERE image_id = ?", (remade,))
+        db.execute("UPDATE totals SET thumbnail_bytes = thumbnail_bytes - ?", (row[3],))
+    db.close()
+    # An image's blob a FIFO: reading it waits, after the thumbnails' records are read,
+    # until the test opens it.
+    fifo = image_file(storage, paused)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    checking = asyncio.create_task(check(storage))
+    # Past the records by then, and waiting on the FIFO (were it not yet, the record would
+    # be read, and the test pass without showing anything).
+    await asyncio.sleep(2)
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        db.execute("INSERT INTO thumbnails VALUES (?, ?, ?, ?, ?, ?)", row)
+        db.execute("UPDATE totals SET thumbnail_bytes = thumbnail_bytes + ?", (row[3],))
+    db.close()
+    await until(lambda: opened_for_writing(fifo))
+    status, lines = await checking
+    assert status == 1
+    # The FIFO is a problem of its own; the thumbnail none.
+    assert [line.partition(": ")[0] for line in lines[:-1]] == [f"image {paused}"]
+
+
+def opened_for_writing(fifo: Path) -> bool:
+    """Whether a reader was waiting on ``fifo``, now let go with nothing to read."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # no reader yet
+            raise
+        return False
+    return True
 
 
 async def test_a_check_while_the_server_works_finds_nothing_wrong(

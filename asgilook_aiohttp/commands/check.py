@@ -11,7 +11,8 @@ Nodes keep working meanwhile, and their work is journaled before it stores a blo
 until a record names it or it is removed again (see ``journal``). So the blobs are listed
 first, then the journal, then the records: a blob that no record read afterwards names,
 and that was not journaled when the journal was read, is left over unless it is journaled
-now or gone. ``--repair`` takes each one in hand through the journal, as the server's own
+now, gone, or named by a record now (a thumbnail evicted and made again while the records
+were read). ``--repair`` takes each one in hand through the journal, as the server's own
 undoing does, and if still no record names it then, removes a thumbnail's; an image's it
 sets aside in ``set-aside/`` instead, as the only copy of someone's photo it may be (an
 index restored from an older backup does not know the images uploaded since).
@@ -21,6 +22,9 @@ does not match its record is still the only copy there is. Thumbnails are a cach
 whose blob is missing or wrong (served as a 404, or wrong, until evicted) has its record
 and blob removed as an eviction would, and is made again when next asked for. Nothing is
 repaired on an index that fails its own check: it may miss records that are there.
+
+A blob, or a directory of them, that cannot be read (a failing disk, say) is a problem of
+its own; the check goes on with the rest, and ``--repair`` leaves it.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 class Problem:
     kind: str
     """One of: ``unnamed-blob``, ``stray``, ``missing``, ``wrong-size``, ``wrong-sha256``,
-    ``staging-leftover``, ``expired-work``, ``index``."""
+    ``unreadable``, ``staging-leftover``, ``expired-work``, ``index``."""
     key: str
     """The blob key, the name in the store, the journal's key, or the index."""
     detail: str
@@ -198,9 +202,7 @@ async def _check_contents(
     readers = _REMOTE_READERS if config.shared_storage else _LOCAL_READERS
     async with _Readers(readers) as reading:
         await _read_records(library, reading, listed, report)
-    unnamed = await _unnamed(library, listed, journaled)
-    for key, name in unnamed.items():
-        report.found(Problem("unnamed-blob", name, "no record names this blob", _image_of(key)))
+    unnamed = await _unnamed(library, listed, journaled, report)
     if repair:
         await _remove_unnamed(library, unnamed, report)
         await _forget_thumbnails(library, report)
@@ -213,6 +215,10 @@ async def _list(library: Attached, report: _Report) -> dict[str, str]:
     listed: dict[str, str] = {}
     async for batch in library.blobs.stored():
         for stored in batch:
+            if stored.unlisted is not None:
+                detail = f"cannot be listed: {stored.unlisted}"
+                report.found(Problem("unreadable", stored.name, detail))
+                continue
             report.blobs += 1
             if stored.key is None:
                 report.found(
@@ -279,7 +285,7 @@ async def _thumbnail(library: Attached, thumbnail: ThumbnailRecord, report: _Rep
     found = await _compare(
         library, key, subject, thumbnail.image_id, (expected, now), report=report
     )
-    if found is not None:
+    if found is not None and found.kind != "unreadable":
         report.bad_thumbnails.append((found, thumbnail))
 
 
@@ -301,6 +307,10 @@ async def _compare(
         if await now() != expected:
             return None
         problem = Problem("missing", subject, f"its blob {key} is missing", image_id)
+    except OSError as error:  # a failing disk, say: the blobs that can be read are checked
+        if await now() != expected:
+            return None
+        problem = _unreadable(subject, f"its blob {key}", error, image_id)
     else:
         report.bytes += nbytes
         if (nbytes, sha256) == expected or await now() != expected:
@@ -315,20 +325,49 @@ async def _compare(
     return problem
 
 
+def _unreadable(subject: str, what: str, error: OSError, image_id: str) -> Problem:
+    detail = f"{what} cannot be read: {error.strerror or error}"
+    return Problem("unreadable", subject, detail, image_id)
+
+
 async def _unnamed(
-    library: Attached, listed: dict[str, str], journaled: set[str]
+    library: Attached, listed: dict[str, str], journaled: set[str], report: _Report
 ) -> dict[str, str]:
-    """Those of the blobs no record named that are left over: no work was journaled for
-    them before the records were read, none is now, and they are still there."""
+    """Report those of the blobs no record named that are left over, and return them: no
+    work was journaled for them before the records were read, none is now, they are still
+    there, and no record names them now."""
     candidates = {key: name for key, name in listed.items() if not _covered(key, journaled)}
     if not candidates:
         return {}
     journaled_now = {entry.key for entry in await library.index.journaled()}
     unnamed = {}
     for key, name in candidates.items():
-        if not _covered(key, journaled_now) and await _exists(library, key):
+        if _covered(key, journaled_now):
+            continue
+        image_id = _image_of(key)
+        problem = None
+        try:
+            if await _exists(library, key):
+                problem = Problem("unnamed-blob", name, "no record names this blob", image_id)
+        except OSError as error:
+            problem = _unreadable(name, "no record names this blob, and it", error, image_id)
+        # The record may have been passed while the blob was being made again (a thumbnail
+        # evicted, then asked for), and added, its work cleared, before the journal was
+        # read again.
+        if problem is None or await _named(library, key):
+            continue
+        report.found(problem)
+        if problem.kind == "unnamed-blob":
             unnamed[key] = name
     return unnamed
+
+
+async def _named(library: Attached, key: str) -> bool:
+    """Whether a record names the blob ``key`` now."""
+    if (thumbnail := thumbnail_of(key)) is not None:
+        _, record = await library.index.image_and_thumbnail(*thumbnail)
+        return record is not None
+    return await library.index.get(_image_of(key)) is not None
 
 
 def _covered(key: str, journaled: set[str]) -> bool:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from .durable import fsync_directory, move_into_place, place_durably
+from .durable import fsync_directory, place_durably
 from .ports import (
     SET_ASIDE,
     BlobMissing,
@@ -167,20 +167,22 @@ class LocalBlobs:
     async def stored(self) -> AsyncIterator[list[Stored]]:
         root = os.path.dirname(self._images)
         for top in (self._images, self._thumbnails):
-            files, directories = await asyncio.to_thread(_listing, top)
-            yield self._named(root, files)
+            listing = await asyncio.to_thread(_listing, top)
+            yield self._named(root, listing)
             # One directory of the first level at a time: a batch of about 1/256th.
-            for directory in directories:
-                yield self._named(root, await asyncio.to_thread(_files_under, directory))
+            for directory in listing.directories:
+                yield self._named(root, await asyncio.to_thread(_everything_under, directory))
 
-    def _named(self, root: str, files: list[tuple[str, int]]) -> list[Stored]:
+    def _named(self, root: str, listing: _Listing) -> list[Stored]:
         found = []
-        for path, nbytes in files:
+        for path, nbytes in listing.files:
             name = os.path.relpath(path, root)
             parts = name.split("/")
             key = "/".join([parts[0], *parts[3:]])
             held = len(parts) in (4, 5) and blob_key(key) and self._path(key) == path
             found.append(Stored(name, key if held else None, nbytes))
+        for path, why in listing.unlisted:
+            found.append(Stored(os.path.relpath(path, root), None, 0, unlisted=why))
         return found
 
     async def digest(self, key: str) -> tuple[int, str]:
@@ -195,19 +197,18 @@ class LocalBlobs:
     def _set_aside(self, key: str) -> str:
         path = self._path(key)
         root = os.path.dirname(self._images)
+        made = _made_directory(f"{root}/{SET_ASIDE}")
         attempt = 0
-        while os.path.lexists(f"{root}/{set_aside_name(key, attempt)}"):
+        while not _linked(key, path, f"{root}/{set_aside_name(key, attempt)}"):
             attempt += 1
-        name = set_aside_name(key, attempt)
-        try:
-            # Within the storage directory, so on its file system: a rename, never a copy.
-            changed = move_into_place(path, f"{root}/{name}")
-        except FileNotFoundError:
-            raise BlobMissing(key) from None
         # Its new entry made durable before its old one's removal is.
-        for directory in [*changed, Path(path).parent]:
-            fsync_directory(directory)
-        return name
+        fsync_directory(Path(root, SET_ASIDE))
+        if made:
+            fsync_directory(Path(root))
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: it is set aside
+            os.unlink(path)
+        fsync_directory(Path(path).parent)
+        return set_aside_name(key, attempt)
 
     async def set_aside_count(self) -> int:
         return await asyncio.to_thread(self._set_aside_count)
@@ -235,24 +236,71 @@ class LocalBlobs:
         return f"{self._thumbnails}/{image_id[:2]}/{image_id[2:4]}/{_checked(image_id)}"
 
 
-def _listing(top: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """The files directly in ``top``, with their sizes, and the directories in it."""
-    files, directories = [], []
-    with contextlib.suppress(FileNotFoundError), os.scandir(top) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-                if entry.is_dir(follow_symlinks=False):
-                    directories.append(entry.path)
-                else:
-                    files.append((entry.path, entry.stat(follow_symlinks=False).st_size))
-    return files, directories
+class _Listing(NamedTuple):
+    files: list[tuple[str, int]]
+    """Paths and sizes."""
+    directories: list[str]
+    unlisted: list[tuple[str, str]]
+    """Paths that could not be listed, or looked at, and why."""
 
 
-def _files_under(directory: str) -> list[tuple[str, int]]:
-    files, directories = _listing(directory)
-    for below in directories:
-        files += _files_under(below)
-    return files
+def _listing(top: str) -> _Listing:
+    """The files directly in ``top``, the directories in it, and what could not be read."""
+    listing = _Listing([], [], [])
+    try:
+        with os.scandir(top) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        listing.directories.append(entry.path)
+                    else:
+                        nbytes = entry.stat(follow_symlinks=False).st_size
+                        listing.files.append((entry.path, nbytes))
+                except FileNotFoundError:  # removed meanwhile
+                    pass
+                except OSError as error:
+                    listing.unlisted.append((entry.path, _why(error)))
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        listing.unlisted.append((top, _why(error)))
+    return listing
+
+
+def _everything_under(directory: str) -> _Listing:
+    everything = _listing(directory)
+    for below in everything.directories:
+        listing = _everything_under(below)
+        everything.files.extend(listing.files)
+        everything.unlisted.extend(listing.unlisted)
+    return everything
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _linked(key: str, path: str, link: str) -> bool:
+    """Link the blob ``key`` at ``path`` to ``link`` too, unless that name is taken;
+    whether it was linked."""
+    # A link, not a rename: it fails if the name is taken, where a rename replaces what
+    # is there. Within the storage directory, so on its file system.
+    try:
+        os.link(path, link, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        raise BlobMissing(key) from None
+    return True
+
+
+def _made_directory(path: str) -> bool:
+    """Create the directory ``path`` unless it is there; whether it was created."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _digest(path: str) -> tuple[int, str]:

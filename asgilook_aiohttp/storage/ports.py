@@ -139,8 +139,12 @@ class Stored:
     """Where it is, for people: its path under the storage directory, or its object key
     under the prefix."""
     key: str | None
-    """The blob key it holds; None for a stray that no key names."""
+    """The blob key it holds; None for a stray that no key names, or what could not be
+    listed."""
     nbytes: int
+    unlisted: str | None = None
+    """Why it could not be listed, or looked at (a directory, say): what is in it is not
+    listed."""
 
 
 class UnknownCursor(LookupError):
@@ -375,12 +379,14 @@ class Blobs(Protocol):
         """Remove an image's blob and every thumbnail blob of it."""
 
     def stored(self) -> AsyncIterator[list[Stored]]:
-        """Everything stored, in batches, strays included: a listing made as the nodes
-        go on, so a blob stored or removed meanwhile may be in it or not."""
+        """Everything stored, in batches, strays included, and what could not be listed
+        (``Stored.unlisted``): a listing made as the nodes go on, so a blob stored or
+        removed meanwhile may be in it or not."""
 
     async def digest(self, key: str) -> tuple[int, str]:
         """The blob's size and SHA-256 (hex), read through without holding it whole nor
-        hashing on the event loop. Raises ``BlobMissing``."""
+        hashing on the event loop. Raises ``BlobMissing``; ``OSError`` if it is there
+        but cannot be read."""
 
     async def set_aside(self, key: str) -> str:
         """Move an image's blob to ``set-aside/``, flat under its id (with a number added

@@ -223,23 +223,26 @@ class S3Blobs:
 
     async def set_aside(self, key: str) -> str:
         attempt = 0
-        while await self._holds(set_aside_name(key, attempt)):
+        while not await self._copy_unless_taken(key, set_aside_name(key, attempt)):
             attempt += 1
-        name = set_aside_name(key, attempt)
-        async with self._guard("CopyObject", key):
-            await self._s3.copy_object(
-                Bucket=self._bucket,
-                Key=self._prefix + name,
-                CopySource={"Bucket": self._bucket, "Key": self._prefix + key},
-            )
         await self.delete([key])
-        return name
+        return set_aside_name(key, attempt)
 
-    async def _holds(self, name: str) -> bool:
-        try:
-            await (await self.body(name, 0, 0)).close()
-        except BlobMissing:
-            return False
+    async def _copy_unless_taken(self, key: str, name: str) -> bool:
+        """Copy the blob ``key`` to ``name`` if nothing is there; whether it was copied."""
+        async with self._guard("CopyObject", key):
+            try:
+                await self._s3.copy_object(
+                    Bucket=self._bucket,
+                    Key=self._prefix + name,
+                    CopySource={"Bucket": self._bucket, "Key": self._prefix + key},
+                    # In the one request: a check made before it could be outrun.
+                    IfNoneMatch="*",
+                )
+            except ClientError as error:
+                if _status(error) == 412:  # Precondition Failed: the name is taken
+                    return False
+                raise
         return True
 
     async def set_aside_count(self) -> int:
