@@ -445,3 +445,67 @@ async def test_what_a_repair_set_aside_is_backed_up_too(tmp_path: Path) -> None:
     )
     copied = {path.name: path.read_bytes() for path in (backup / "set-aside").iterdir()}
     assert copied == {"b.jpeg": b"b" * 20, "c.jpeg": b"c"}
+
+
+async def test_a_backup_checked_or_deleted_from_is_still_updated(tmp_path: Path) -> None:
+    library, backup = tmp_path / "library", tmp_path / "backup"
+    await asyncio.to_thread(library_of, library, 3)
+    await back_up(library, backup)
+    status, _, err = await command("check", "--storage", backup)  # switches it to WAL
+    assert status == 0, err
+    assert "3 images" in await back_up(library, backup)
+
+
+async def test_an_original_that_cannot_be_read_is_left_out_and_named(tmp_path: Path) -> None:
+    library, backup = tmp_path / "library", tmp_path / "backup"
+    await asyncio.to_thread(library_of, library, 2)
+    unreadable = sorted((library / "images").rglob("*.jpeg"))[0]
+    unreadable.unlink()
+    unreadable.mkdir()  # what even root cannot read as a file
+    status, out, err = await command("backup", "--storage", library, backup)
+    assert status == 1
+    assert "1 left out (run check)" in out
+    assert f"{unreadable} cannot be read" in err
+    assert len(assert_every_row_has_its_file_and_nothing_else(backup)) == 1
+
+
+_STOPPED_MID_WRITE = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 1")
+db.execute("BEGIN")
+db.execute("UPDATE images SET sha256 = 'not what the file holds'")
+db.execute("CREATE TABLE spill (x)")
+db.executemany("INSERT INTO spill VALUES (randomblob(4000))", [()] * 500)
+os.kill(os.getpid(), 9)
+"""
+
+
+async def test_a_restore_undoes_the_write_a_stopped_backup_left_unfinished(
+    tmp_path: Path,
+) -> None:
+    library, backup, restored = tmp_path / "library", tmp_path / "backup", tmp_path / "restored"
+    await asyncio.to_thread(library_of, library, 3)
+    await back_up(library, backup)
+    stopped = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STOPPED_MID_WRITE, str(backup / INDEX_FILE)
+    )
+    assert await stopped.wait() == -signal.SIGKILL
+    assert (backup / f"{INDEX_FILE}-journal").stat().st_size > 0
+    status, out, err = await command("restore", "--storage", restored, backup)
+    assert status == 0, err
+    assert out.startswith("restored 3 images")
+    assert len(assert_every_row_has_its_file_and_nothing_else(restored)) == 3
+
+
+async def test_a_new_file_systems_root_is_empty_and_a_garbled_marker_no_backup(
+    tmp_path: Path,
+) -> None:
+    library, root = tmp_path / "library", tmp_path / "mounted"
+    await asyncio.to_thread(library_of, library, 1)
+    (root / "lost+found").mkdir(parents=True)  # as mkfs leaves it
+    assert "1 copied" in await back_up(library, root)
+    (root / f"{INDEX_FILE}-backup-of").write_bytes(bytes(range(128, 256)))
+    status, out, err = await command("backup", "--storage", library, root)
+    assert (status, out) == (2, "")
+    assert f"{root} is not a backup of this library made by backup" in err

@@ -141,6 +141,7 @@ class _Outcome(enum.Enum):
     WRONG = "{original} is not what its row says ({nbytes:,} bytes, SHA-256 {sha256})"
     LOST = "{original} is missing, while the library still has its row"
     MISCOPIED = "its copy, read back from the disk, differs from {original}: a failing disk?"
+    UNREADABLE = "{original} cannot be read: look at its permissions, and at the disk"
 
 
 @dataclass
@@ -166,7 +167,7 @@ def _copy_library(source: Path, target: Path, config: Config, *, restoring: bool
         live = resources.enter_context(
             # A library in WAL mode (not a backup) may have rows in its -wal still.
             contextlib.closing(
-                _open_live(index, timeout, immutable=restoring and not _in_wal_mode(index))
+                _open_live(index, timeout, access=_access(index) if restoring else "mode=ro")
             )
         )
         copy_of = f"restore from {source}" if restoring else f"backup of {_library_id(source)}"
@@ -258,7 +259,8 @@ def _check_target(target: Path, copy_of: str, *, restoring: bool) -> None:
     """Refuse a ``target`` that holds anything but an earlier ``copy_of`` (complete or
     not) that no server has been started on: files in it the copy does not name are
     removed."""
-    if not any(target.iterdir()):
+    # mkfs makes lost+found at the root of a new file system: still an empty one.
+    if not any(entry.name != "lost+found" for entry in target.iterdir()):
         return
     if _served(target / INDEX_FILE):
         raise CannotRun(f"a server is running on {target}: stop it first")
@@ -290,12 +292,26 @@ def _marker(path: Path) -> str | None:
         return path.read_text().strip()
     except FileNotFoundError:
         return None
+    except ValueError:  # not text: not a marker this command wrote
+        return ""
 
 
 def _started_on(storage: Path) -> bool:
-    """Whether a server has ever been started on ``storage``: it sets its reserve up, and
-    switches the index to WAL."""
-    return any(storage.glob(f"{RESERVE_FILE}*")) or _in_wal_mode(storage / INDEX_FILE)
+    """Whether a server has ever been started on ``storage``: it sets its reserve up.
+    (Not whether the index is in WAL mode: a command run on a backup, ``check`` say,
+    switches it too, and takes no reserve there.)"""
+    return any(storage.glob(f"{RESERVE_FILE}*"))
+
+
+def _access(index: Path) -> str:
+    """How a restore opens the index of the copy it restores: as immutable, needing no
+    write access, when it holds all it has itself. A -wal may still hold rows (a stopped
+    library in WAL mode), and a -journal what an interrupted write must have undone (a
+    backup stopped while it wrote its index): the latter only a reader that may write can
+    undo, and read the index through."""
+    if index.with_name(f"{index.name}-journal").exists():
+        return "mode=rw"
+    return "mode=ro" if _in_wal_mode(index) else "mode=ro&immutable=1"
 
 
 def _in_wal_mode(index: Path) -> bool:
@@ -353,15 +369,16 @@ def _served(index: Path) -> bool:
     return bool(struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK)
 
 
-def _open_live(index: Path, timeout: float, *, immutable: bool) -> sqlite3.Connection:
-    """The library's index, open to read only, if this release reads it; raises
-    ``CannotRun``. ``immutable``: nothing writes to it, nor has left a -wal (a backup);
-    it then needs no write access, and gets no -wal nor -shm file."""
+def _open_live(index: Path, timeout: float, *, access: str) -> sqlite3.Connection:
+    """The library's index, open to be read (``access``, SQLite's URI parameters:
+    ``mode=ro``, and ``immutable=1`` for one nothing writes to, which then needs no write
+    access, and gets no -wal nor -shm file), if this release reads it; raises
+    ``CannotRun``."""
     if not index.is_file():
         raise CannotRun(f"there is no library in {index.parent} (no {INDEX_FILE})")
     with _reading(index, timeout):
         live = sqlite3.connect(
-            f"{index.as_uri()}?mode=ro{'&immutable=1' if immutable else ''}",
+            f"{index.as_uri()}?{access}",
             uri=True,
             timeout=timeout,
             isolation_level=None,
@@ -527,7 +544,7 @@ def _copy_set_aside(source: Path, target: Path, scratch: Scratch, tally: _Tally)
             tally.directories.update(changed)
             if outcome is _Outcome.COPIED:
                 tally.set_aside += 1
-            elif outcome is _Outcome.MISCOPIED:
+            elif outcome in (_Outcome.MISCOPIED, _Outcome.UNREADABLE):
                 original = source / SET_ASIDE / name
                 problem = outcome.value.format(original=original)
                 print(f"{SET_ASIDE}{name}: {problem}; left out of the copy", file=sys.stderr)
@@ -573,10 +590,10 @@ def _copy_file(original: str, staging: str, expected: tuple[int, str] | None) ->
             # Its pages leave the cache, so reading it back reads what the disk holds.
             os.posix_fadvise(copy.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             written = copy.tell()
-    except FileNotFoundError as error:
+    except OSError as error:
         if error.filename != original:
             raise
-        return _Outcome.GONE
+        return _Outcome.GONE if isinstance(error, FileNotFoundError) else _Outcome.UNREADABLE
     if expected is not None and (written, read.hexdigest()) != expected:
         return _Outcome.WRONG
     with open(staging, "rb") as copy:
