@@ -132,8 +132,14 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
         text.replace(f"ExecStart={INSTALLED_EXEC_START}", f"ExecStart={script}"),
         encoding="utf-8",
     )
-    for unit in (SOCKET, BACKUP_SERVICE, BACKUP_TIMER):
+    for unit in (SOCKET, BACKUP_TIMER):
         shutil.copy(unit, tmp_path / unit.name)
+    backup = BACKUP_SERVICE.read_text(encoding="utf-8")
+    assert f"ExecStart={INSTALLED_EXEC_START} backup " in backup
+    (tmp_path / BACKUP_SERVICE.name).write_text(
+        backup.replace(f"ExecStart={INSTALLED_EXEC_START}", f"ExecStart={script}"),
+        encoding="utf-8",
+    )
     names = (SOCKET.name, SERVICE.name, BACKUP_SERVICE.name, BACKUP_TIMER.name)
     result = subprocess.run(
         [analyze, "verify", *(str(tmp_path / name) for name in names)],
@@ -146,18 +152,21 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
 
 
-def test_the_nightly_backup_runs_as_the_owner_of_the_library() -> None:
-    backup = parse_unit(BACKUP_SERVICE)
+def test_the_nightly_backup_runs_as_the_servers_own_dynamic_user() -> None:
+    server, backup = parse_unit(SERVICE), parse_unit(BACKUP_SERVICE)
     assert last(backup, "Service", "Type") == "oneshot"
-    command = last(backup, "Service", "ExecStart")
-    assert command.startswith("/bin/sh -c 'exec setpriv --reuid=")
-    assert f"{INSTALLED_EXEC_START} backup " in command
-    library = dict(assignment.split("=", 1) for assignment in backup["Service"]["Environment"])[
-        "LIBRARY"
-    ]
-    # Where the service's StateDirectory= is, under DynamicUser=.
-    assert library == f"/var/lib/private/{last(parse_unit(SERVICE), 'Service', 'StateDirectory')}"
-    assert last(backup, "Unit", "ConditionPathExists") == f"{library}/index.sqlite3"
+    # Units that name one dynamic user share its UID; the server's is named after its unit.
+    assert is_true(last(server, "Service", "DynamicUser"))
+    assert "User" not in server["Service"]
+    assert is_true(last(backup, "Service", "DynamicUser"))
+    assert last(backup, "Service", "User") == SERVICE.stem
+    # The library is the first state directory, which the server takes as its storage.
+    library = last(server, "Service", "StateDirectory")
+    assert last(backup, "Service", "StateDirectory").split()[0] == library
+    assert (
+        last(backup, "Unit", "ConditionPathExists") == f"/var/lib/private/{library}/index.sqlite3"
+    )
+    assert last(backup, "Service", "ExecStart") == f"{INSTALLED_EXEC_START} backup ${{DEST}}"
     assert last(parse_unit(BACKUP_TIMER), "Timer", "Persistent") == "true"
 
 
