@@ -25,7 +25,7 @@ from asgilook_aiohttp.storage.sqlite import SqliteIndex
 
 import samples
 from checks import image_file, stored_files, until
-from serving import ROOT, running
+from serving import CONSOLE_SCRIPT, ROOT, running
 
 
 async def command(*arguments: str | Path) -> tuple[int, str, str]:
@@ -40,7 +40,8 @@ async def command(*arguments: str | Path) -> tuple[int, str, str]:
 async def start_command(*arguments: str | Path) -> asyncio.subprocess.Process:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ASGILOOK_")}
     return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "asgilook_aiohttp", *map(str, arguments)),
+        CONSOLE_SCRIPT,
+        *map(str, arguments),
         cwd=ROOT,
         env=clean,
         stdout=asyncio.subprocess.PIPE,
