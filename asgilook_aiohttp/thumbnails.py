@@ -28,6 +28,7 @@ from .storage.ports import (
     Index,
     ThumbnailRecord,
     Totals,
+    holds,
     image_key,
     thumbnail_key,
 )
@@ -127,7 +128,7 @@ class Thumbnails:
                 # A node that cannot reach the object store keeps its claim until it can
                 # clear it, and this node could not serve the thumbnail either: while the
                 # store is down, that is a 503 now, not once the claim runs out.
-                if not await self._original_exists(image):
+                if not await holds(self._blobs, image_key(image.id)):
                     return None
                 store_checked_at = loop.time()
             if loop.time() >= give_up_at:
@@ -151,16 +152,6 @@ class Thumbnails:
             with unless_full():
                 await self._keep_within_budget()
         return made
-
-    async def _original_exists(self, image: ImageRecord) -> bool:
-        """Whether the image's blob is there; raises ``Unavailable`` if the store does not
-        answer."""
-        try:
-            body = await self._blobs.body(image_key(image.id), 0, 0)
-        except BlobMissing:  # the image was deleted meanwhile
-            return False
-        await body.close()
-        return True
 
     async def _make(
         self, key: str, image: ImageRecord, width: int, height: int

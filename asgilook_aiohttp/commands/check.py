@@ -45,6 +45,7 @@ from ..storage.ports import (
     ImageRecord,
     ThumbnailRecord,
     Unavailable,
+    holds,
     image_key,
     thumbnail_key,
     thumbnail_of,
@@ -347,7 +348,7 @@ async def _unnamed(
         image_id = _image_of(key)
         problem = None
         try:
-            if await _exists(library, key):
+            if await holds(library.blobs, key):
                 problem = Problem("unnamed-blob", name, "no record names this blob", image_id)
         except OSError as error:
             problem = _unreadable(name, "no record names this blob, and it", error, image_id)
@@ -376,14 +377,6 @@ def _covered(key: str, journaled: set[str]) -> bool:
     return key in journaled or _image_of(key) in journaled
 
 
-async def _exists(library: Attached, key: str) -> bool:
-    try:
-        await (await library.blobs.body(key, 0, 0)).close()
-    except BlobMissing:
-        return False
-    return True
-
-
 async def _remove_unnamed(library: Attached, unnamed: dict[str, str], report: _Report) -> None:
     journal = library.journal
     for key, name in unnamed.items():
@@ -396,7 +389,7 @@ async def _remove_unnamed(library: Attached, unnamed: dict[str, str], report: _R
             report.did(problem, "left: a node is working on it now")
         elif thumbnail:
             await journal.undo([work])  # removes it only if still no record names it
-            if await _exists(library, key):
+            if await holds(library.blobs, key):
                 report.did(problem, "left: a record names it now, or it could not be removed")
             else:
                 report.did(problem, "removed")

@@ -10,13 +10,14 @@ to keep it in the journal beside the server's lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import re
 import urllib.parse
 
 from ..config import Config
-from ..storage.ports import BlobMissing, Unavailable, image_key
+from ..storage.ports import Unavailable, holds, image_key
 from . import Command
 from .attached import Attached, attached, describe
 
@@ -80,12 +81,9 @@ async def _delete(
         return False, f"no such image in {describe(config)}"
     await journal.undo([image_id])
     _log.warning("image %s deleted by the operator (%s); reason: %s", image_id, operator, reason)
-    try:
-        await (await library.blobs.body(image_key(image_id), 0, 0)).close()
-    except BlobMissing:
-        return True, "deleted"
-    except Unavailable:
-        pass
+    with contextlib.suppress(Unavailable):
+        if not await holds(library.blobs, image_key(image_id)):
+            return True, "deleted"
     return False, (
         "deleted from the index, so never served again; its files could not be removed "
         f"now, and the server removes them within {config.lease_seconds:g} seconds"

@@ -396,3 +396,14 @@ class Blobs(Protocol):
 
     async def set_aside_count(self) -> int:
         """How many files, or objects, are in ``set-aside/``."""
+
+
+async def holds(blobs: Blobs, key: str) -> bool:
+    """Whether ``blobs`` has the blob ``key``; raises ``Unavailable`` if the store does
+    not answer."""
+    try:
+        body = await blobs.body(key, 0, 0)
+    except BlobMissing:
+        return False
+    await body.close()
+    return True
