@@ -69,7 +69,6 @@ async def start_server(
     ``shell_prefix`` runs first in bash before it execs the server (same pid), as a
     service manager would prepare the process.
     """
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
     command = [
         *program,
         "--port",
@@ -85,7 +84,7 @@ async def start_server(
     process = await asyncio.create_subprocess_exec(
         *command,
         cwd=ROOT,
-        env={**clean, **(env or {})},
+        env=environment(env),
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
         pass_fds=pass_fds,
@@ -103,16 +102,32 @@ async def start_server(
 CONSOLE_SCRIPT = Path(sys.executable).parent / "asgilook-aiohttp"
 
 
-async def run_command(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run the console script to its end; its exit status, standard output and standard
-    error."""
-    process = await asyncio.create_subprocess_exec(
+def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This one without the server's settings (which would change what a test started),
+    and with ``extra``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ASGILOOK_", "ASGI_LOOK"))}
+    return {**clean, **(extra or {})}
+
+
+async def start_command(
+    *argv: str | Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Start the console script with ``argv``, its output piped, as from a terminal."""
+    return await asyncio.create_subprocess_exec(
         CONSOLE_SCRIPT,
-        *argv,
-        env=env,
+        *map(str, argv),
+        env=environment(env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # A shell starts a background job with Ctrl-C ignored; a terminal's does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+async def run_command(*argv: str | Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the console script to its end; its exit status, standard output and standard
+    error."""
+    process = await start_command(*argv, env=env)
     async with asyncio.timeout(120):
         out, err = await process.communicate()
     assert process.returncode is not None

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import os
 import re
 import shutil
 import signal
@@ -25,34 +24,11 @@ from asgilook_aiohttp.storage.sqlite import SqliteIndex
 
 import samples
 from checks import image_file, stored_files, until
-from serving import CONSOLE_SCRIPT, ROOT, running
-
-
-async def command(*arguments: str | Path) -> tuple[int, str, str]:
-    """Run the console script; its exit status, standard output and standard error."""
-    process = await start_command(*arguments)
-    async with asyncio.timeout(60):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-async def start_command(*arguments: str | Path) -> asyncio.subprocess.Process:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASGILOOK_")}
-    return await asyncio.create_subprocess_exec(
-        CONSOLE_SCRIPT,
-        *map(str, arguments),
-        cwd=ROOT,
-        env=clean,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # As from a terminal: a shell starts a background job with Ctrl-C ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+from serving import run_command, running, start_command
 
 
 async def back_up(storage: Path, destination: Path) -> str:
-    status, out, err = await command("backup", "--storage", storage, destination)
+    status, out, err = await run_command("backup", "--storage", storage, destination)
     assert status == 0, err
     return out
 
@@ -170,7 +146,7 @@ async def test_a_second_backup_copies_only_what_is_new_and_removes_what_was_dele
                 assert await served(session, copy.url, image["id"]) == await served(
                     session, server.url, image["id"]
                 )
-            status, _, err = await command("backup", "--storage", source, backup)
+            status, _, err = await run_command("backup", "--storage", source, backup)
             assert status == 2
             assert f"a server is running on {backup}" in err
 
@@ -190,7 +166,7 @@ async def test_restore_into_an_empty_storage_and_only_there(
     await back_up(source, backup)
     restored.mkdir()
 
-    status, out, err = await command("restore", "--storage", restored, backup)
+    status, out, err = await run_command("restore", "--storage", restored, backup)
     assert status == 0, err
     assert re.fullmatch(
         rf"restored 1 images \([\d.]+ MB\) from {backup} into {restored}: 1 copied .*\n", out
@@ -200,7 +176,7 @@ async def test_restore_into_an_empty_storage_and_only_there(
         assert await served(session, copy.url, image["id"]) == original
         await thumbnail(session, copy.url, image)  # made again, on demand
 
-    status, _, err = await command("restore", "--storage", source, backup)
+    status, _, err = await run_command("restore", "--storage", source, backup)
     assert status == 2
     assert f"{source} is not empty" in err
 
@@ -215,19 +191,19 @@ async def test_restore_into_an_empty_storage_and_only_there(
     only_copy = image_file(restored, str(uuid.uuid4()))
     only_copy.parent.mkdir(parents=True, exist_ok=True)
     only_copy.write_bytes(b"someone's only copy")
-    status, out, err = await command("restore", "--storage", restored, backup)
+    status, out, err = await run_command("restore", "--storage", restored, backup)
     assert (status, out) == (2, "")
     assert f"{restored} is not empty" in err
     marker = restored / f"{INDEX_FILE}-copying"
     marker.write_text(f"restore from {source}\n")
-    status, out, err = await command("restore", "--storage", restored, backup)
+    status, out, err = await run_command("restore", "--storage", restored, backup)
     assert (status, out) == (2, "")
     assert f"{restored} holds an interrupted copy that is not this one" in err
     assert only_copy.exists()
 
     only_copy.unlink()
     marker.write_text(f"restore from {backup}\n")
-    status, out, err = await command("restore", "--storage", restored, backup)
+    status, out, err = await run_command("restore", "--storage", restored, backup)
     assert status == 0, err
     assert ": 0 copied (0.0 MB), 1 already there, 0 removed" in out
     assert not marker.exists()
@@ -246,7 +222,7 @@ async def test_a_file_lost_or_not_what_its_row_says_is_left_out_and_named(
     path.write_bytes(data)
     image_file(source, lost["id"]).unlink()
 
-    status, out, err = await command("backup", "--storage", source, backup)
+    status, out, err = await run_command("backup", "--storage", source, backup)
     assert status == 1
     assert re.fullmatch(
         r"backed up 1 images .*: 1 copied .*, 0 removed, 2 left out \(run check\), in .*\n", out
@@ -320,7 +296,7 @@ async def thumbnail(session: aiohttp.ClientSession, url: str, image: dict[str, A
 async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) -> None:
     empty, elsewhere = tmp_path / "empty", tmp_path / "elsewhere"
     empty.mkdir()
-    status, out, err = await command("backup", "--storage", empty, tmp_path / "backup")
+    status, out, err = await run_command("backup", "--storage", empty, tmp_path / "backup")
     assert (status, out) == (2, "")
     assert f"there is no library in {empty}" in err
 
@@ -328,10 +304,10 @@ async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) 
     (elsewhere / "notes.txt").write_text("not a library")
     async with running(tmp_path / "storage"):
         pass
-    status, _, err = await command("backup", "--storage", tmp_path / "storage", elsewhere)
+    status, _, err = await run_command("backup", "--storage", tmp_path / "storage", elsewhere)
     assert status == 2
     assert f"{elsewhere} is not a backup of this library made by backup" in err
-    status, _, err = await command(
+    status, _, err = await run_command(
         "backup", "--storage", tmp_path / "storage", tmp_path / "storage" / "backup"
     )
     assert status == 2
@@ -339,7 +315,7 @@ async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) 
 
     with contextlib.closing(sqlite3.connect(tmp_path / "storage" / INDEX_FILE)) as db:
         db.execute("PRAGMA user_version = 3")
-    status, _, err = await command("backup", "--storage", tmp_path / "storage", empty)
+    status, _, err = await run_command("backup", "--storage", tmp_path / "storage", empty)
     assert status == 2
     assert "has index schema version 3, older than this release's" in err
     assert "start this release's server on it once" in err
@@ -347,7 +323,7 @@ async def test_what_is_not_a_library_or_not_embedded_is_refused(tmp_path: Path) 
 
     shared = ("--index", "postgresql://asgilook@127.0.0.1:1/asgilook", "--blobs", "s3://bucket")
     for name in ("backup", "restore"):
-        status, out, err = await command(name, *shared, tmp_path / "backup")
+        status, out, err = await run_command(name, *shared, tmp_path / "backup")
         assert (status, out) == (2, ""), err
         assert "pg_dump" in err
         assert "docs/operating.md" in err
@@ -363,7 +339,7 @@ async def test_an_index_held_by_the_server_alone_is_waited_for_then_refused(
     with contextlib.closing(sqlite3.connect(storage / INDEX_FILE)) as held:
         held.execute("PRAGMA locking_mode=EXCLUSIVE")
         held.execute("SELECT count(*) FROM images").fetchone()
-        status, _, err = await command(
+        status, _, err = await run_command(
             "backup", "--storage", storage, "--dependency-timeout", "0.2", tmp_path / "backup"
         )
     assert status == 2
@@ -377,7 +353,7 @@ async def test_only_a_backup_of_this_library_that_no_server_was_started_on_is_up
     await asyncio.to_thread(library_of, library, 2)
     await asyncio.to_thread(library_of, other, 1, 100)
     others = stored_files(other)
-    status, out, err = await command("backup", "--storage", library, other)
+    status, out, err = await run_command("backup", "--storage", library, other)
     assert (status, out) == (2, "")
     assert f"{other} is not a backup of this library made by backup" in err
     assert stored_files(other) == others
@@ -386,13 +362,13 @@ async def test_only_a_backup_of_this_library_that_no_server_was_started_on_is_up
     assert sorted(path.name for path in backup.glob(f"{INDEX_FILE}-*")) == [
         f"{INDEX_FILE}-backup-of"
     ]
-    status, _, err = await command("backup", "--storage", other, backup)
+    status, _, err = await run_command("backup", "--storage", other, backup)
     assert status == 2
     assert f"{backup} is not a backup of this library made by backup" in err
 
     async with running(backup) as server:
         added = await upload(session, server.url, 1)
-    status, out, err = await command("backup", "--storage", library, backup)
+    status, out, err = await run_command("backup", "--storage", library, backup)
     assert (status, out) == (2, "")
     assert f"a server has been started on {backup}" in err
     assert image_file(backup, added["id"]).exists()
@@ -409,7 +385,7 @@ async def test_a_restore_writes_nothing_into_the_backup_which_may_be_read_only(
     before = sorted(backup.rglob("*"))
     for path in [backup, *before]:  # root writes anyway: hence the listing
         path.chmod(path.stat().st_mode & ~0o222)
-    status, _, err = await command("restore", "--storage", restored, backup)
+    status, _, err = await run_command("restore", "--storage", restored, backup)
     assert status == 0, err
     assert sorted(backup.rglob("*")) == before
     assert len(assert_every_row_has_its_file_and_nothing_else(restored)) == 3
@@ -419,7 +395,7 @@ async def test_a_destination_that_cannot_be_written_is_said_in_one_line(tmp_path
     library, file = tmp_path / "library", tmp_path / "file"
     await asyncio.to_thread(library_of, library, 1)
     file.write_text("not a directory")
-    status, out, err = await command("backup", "--storage", library, file / "backup")
+    status, out, err = await run_command("backup", "--storage", library, file / "backup")
     assert (status, out) == (2, "")
     assert re.fullmatch(
         rf"asgilook-aiohttp backup: could not copy into {file / 'backup'}: .*Not a directory.*\n",
@@ -452,7 +428,7 @@ async def test_a_backup_checked_or_deleted_from_is_still_updated(tmp_path: Path)
     library, backup = tmp_path / "library", tmp_path / "backup"
     await asyncio.to_thread(library_of, library, 3)
     await back_up(library, backup)
-    status, _, err = await command("check", "--storage", backup)  # switches it to WAL
+    status, _, err = await run_command("check", "--storage", backup)  # switches it to WAL
     assert status == 0, err
     assert "3 images" in await back_up(library, backup)
 
@@ -463,7 +439,7 @@ async def test_an_original_that_cannot_be_read_is_left_out_and_named(tmp_path: P
     unreadable = sorted((library / "images").rglob("*.jpeg"))[0]
     unreadable.unlink()
     unreadable.mkdir()  # what even root cannot read as a file
-    status, out, err = await command("backup", "--storage", library, backup)
+    status, out, err = await run_command("backup", "--storage", library, backup)
     assert status == 1
     assert "1 left out (run check)" in out
     assert f"{unreadable} cannot be read" in err
@@ -493,7 +469,7 @@ async def test_a_restore_undoes_the_write_a_stopped_backup_left_unfinished(
     )
     assert await stopped.wait() == -signal.SIGKILL
     assert (backup / f"{INDEX_FILE}-journal").stat().st_size > 0
-    status, out, err = await command("restore", "--storage", restored, backup)
+    status, out, err = await run_command("restore", "--storage", restored, backup)
     assert status == 0, err
     assert out.startswith("restored 3 images")
     assert len(assert_every_row_has_its_file_and_nothing_else(restored)) == 3
@@ -507,6 +483,6 @@ async def test_a_new_file_systems_root_is_empty_and_a_garbled_marker_no_backup(
     (root / "lost+found").mkdir(parents=True)  # as mkfs leaves it
     assert "1 copied" in await back_up(library, root)
     (root / f"{INDEX_FILE}-backup-of").write_bytes(bytes(range(128, 256)))
-    status, out, err = await command("backup", "--storage", library, root)
+    status, out, err = await run_command("backup", "--storage", library, root)
     assert (status, out) == (2, "")
     assert f"{root} is not a backup of this library made by backup" in err
