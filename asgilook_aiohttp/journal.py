@@ -9,6 +9,11 @@ if a dependency is down just then, on a later ``settle``; it undoes other nodes'
 work on ``sweep``. Ids are journaled ahead, a batch in one write, so that an upload need
 not wait for one.
 
+A node renews the leases of the entries it knows of, not all that bear its name: a write
+whose answer was lost (it timed out here and committed in the index) leaves an entry the
+node never learns of. Its lease lapses, and a sweep, this node's own included, undoes it;
+a node that stops undoes those it left at once.
+
 The index grants a node its own entries again, so it is here that two tasks of one node
 are kept from working on one key at once (making a thumbnail while it is undone, say):
 a key is in hand of one task, from its claim (or the write that journaled it) until its
@@ -49,6 +54,7 @@ class Journal:
         # own: past it, another node may have swept them while this one could not renew.
         self._spares_held_until = -math.inf
         self._issuing = asyncio.Lock()
+        # Each key in hand is journaled for this node, as is each spare id.
         self._in_hand: set[str] = set()
         # Held while keys not known beforehand are journaled for this node (taken over,
         # evicted): no claim here is granted one of them before they are in hand.
@@ -74,10 +80,13 @@ class Journal:
                 await self._index.journal(batch, self.owner, self.lease)
                 self._spare_ids.extend(batch)  # beside any a refusal gave back meanwhile
                 self._spares_held_until = journaling + self.lease
-            return self._spare_ids.pop()
+            image_id = self._spare_ids.pop()
+            self._in_hand.add(image_id)
+            return image_id
 
     def give_back(self, image_id: str) -> None:
         """An id whose upload was refused before anything was stored: as good as new."""
+        self._in_hand.discard(image_id)
         self._spare_ids.append(image_id)
 
     async def claim(self, key: str) -> bool:
@@ -97,7 +106,8 @@ class Journal:
         return held
 
     def done(self, key: str) -> None:
-        """Let go of a key whose work is recorded, which cleared its entry."""
+        """Let go of a key (or an id from ``new_id``) whose work is recorded, which cleared
+        its entry."""
         self._in_hand.discard(key)
 
     async def take(
@@ -173,20 +183,33 @@ class Journal:
                 break
 
     async def _take_expired(self, in_hand: frozenset[str]) -> list[str]:
-        return await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH)
+        keep = in_hand.union(self._spare_ids)
+        return await self._index.take_expired(self.owner, self.lease, _SWEEP_BATCH, keep)
 
     async def renew(self) -> None:
         renewing = time.monotonic()
-        await self._index.renew(self.owner, self.lease)
+        await self._index.renew(self.owner, self.lease, self._in_hand.union(self._spare_ids))
         if renewing < self._spares_held_until:  # else they may be gone already
             self._spares_held_until = renewing + self.lease
 
     async def close(self) -> None:
-        """Let go of the ids journaled ahead and not used: no blob has any of them."""
-        spare, self._spare_ids = self._spare_ids, []
-        try:
-            await self._index.unjournal(spare, self.owner)
-        except Unavailable as error:  # another node sweeps them once their lease expires
-            _log.warning("could not clear %d spare ids from the journal: %s", len(spare), error)
-        except Exception:
-            _log.exception("could not clear %d spare ids from the journal", len(spare))
+        """Let go of the ids journaled ahead and not used (no blob has any of them), and
+        undo the entries of this node's that it never learnt of. What is still in hand
+        is left to lapse: its work may still be running."""
+        async with self._issuing, self._taking:  # no write of this node's is unanswered
+            spare, self._spare_ids = self._spare_ids, []
+            try:
+                await self._index.unjournal(spare, self.owner)
+                lost = [
+                    entry.key
+                    for entry in await self._index.journaled()
+                    if entry.owner == self.owner and entry.key not in self._in_hand
+                ]
+                self._in_hand.update(lost)
+            except Unavailable as error:  # another node sweeps them once their lease expires
+                _log.warning("could not clear this node's journal entries: %s", error)
+                return
+            except Exception:
+                _log.exception("could not clear this node's journal entries")
+                return
+        await self._settle(lost)

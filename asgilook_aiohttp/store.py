@@ -301,6 +301,7 @@ class Store:
                     delete_token_sha256=delete_token_sha256,
                 )
                 await self._index.add(record, self._journal.owner)
+                self._journal.done(image_id)
             except (imaging.ImageRejected, QueueFull):
                 # Refused before any worker wrote anything: the id is as good as new, and
                 # keeping it spares a refusal the journal and store round trips below.

@@ -30,6 +30,7 @@ from multidict import CIMultiDictProxy
 from PIL import Image
 
 from asgilook_aiohttp.config import Config
+from asgilook_aiohttp.journal import SPARE_IDS
 from asgilook_aiohttp.storage.ports import image_key, thumbnail_key
 
 import samples
@@ -207,6 +208,17 @@ async def rows(library: Library) -> tuple[set[str], int]:
     finally:
         await db.close()
     return images | thumbnails, pending
+
+
+async def journal_of(library: Library) -> dict[str, str]:
+    """The index's journal entries: key, owner."""
+    import asyncpg  # noqa: PLC0415 - the extra: its fixture skips the test where it is missing
+
+    db = await asyncpg.connect(library.index)
+    try:
+        return {row["id"]: row["owner"] for row in await db.fetch("SELECT id, owner FROM pending")}
+    finally:
+        await db.close()
 
 
 async def until_objects_match_rows(library: Library) -> None:
@@ -411,6 +423,49 @@ async def test_nodes_cut_off_from_postgresql_past_their_lease_take_uploads_once_
         await ask(node.request, "POST", "/images", data=samples.small_png()) for node in nodes * 2
     ]
     assert [answer.status for answer in answers] == [201] * 4, answers
+
+
+async def journal_lost_ids(library: Library, owner: str, count: int) -> None:
+    """Leave what a write whose answer was lost leaves: ids journaled in ``owner``'s name,
+    with a current lease, that the node never learnt of. (PostgreSQL frozen, or slow, with
+    a node's statement in its socket runs it after the node gave up on it.)"""
+    import asyncpg  # noqa: PLC0415 - the extra: its fixture skips the test where it is missing
+
+    db = await asyncpg.connect(library.index)
+    try:
+        await db.execute(
+            "INSERT INTO pending (id, owner, expires) "
+            "SELECT 'lost-' || n, $1, now() + make_interval(secs => $2) "
+            "FROM generate_series(1, $3) AS n",
+            owner,
+            LEASE,
+            count,
+        )
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("then", ["lives on", "stops"])
+async def test_entries_a_node_never_learnt_of_are_undone_while_it_lives_and_as_it_stops(
+    make_client: ClientFactory, library: Library, then: str
+) -> None:
+    client = await make_client()
+    await upload(client.request, samples.small_png())  # ids journaled ahead, in its name
+    spares = await journal_of(library)
+    assert len(spares) == SPARE_IDS - 1
+    (owner,) = set(spares.values())
+    await journal_lost_ids(library, owner, SPARE_IDS)
+
+    if then == "stops":
+        await client.close()
+        assert await journal_of(library) == {}
+    else:  # renewing only what it holds, it lets them lapse, and sweeps them
+        async with asyncio.timeout(LEASE + RECOVERY):
+            while await journal_of(library) != spares:  # noqa: ASYNC110 - polled
+                await asyncio.sleep(0.1)
+        assert (
+            await ask(client.request, "POST", "/images", data=samples.small_png())
+        ).status == 201
 
 
 async def test_a_server_process_answers_503_through_each_fault_and_resumes_without_a_restart(

@@ -120,7 +120,7 @@ async def test_an_index_of_an_earlier_release_is_upgraded(tmp_path: Path) -> Non
     try:
         assert await index.totals() == Totals(images=2, image_bytes=3500, thumbnail_bytes=40)
         # What it left journaled has no owner nor lease: the first sweep takes it over.
-        taken = await index.take_expired(OWNER, LEASE, 10)
+        taken = await index.take_expired(OWNER, LEASE, 10, [])
         assert sorted(taken) == ["crashed-delete", "crashed-upload"]
         records, _ = await index.page(10, None)
         assert [record.id for record in records] == ["first", "second"]
@@ -241,8 +241,8 @@ async def test_expired_entries_are_taken_over_on_a_full_disk_without_a_reserve(
         filler = fill(disk)
 
         # Their blobs are to be removed, which frees room: the takeover does not wait for it.
-        assert sorted(await index.take_expired(OWNER, LEASE, 10)) == ["left-1", "left-2"]
-        assert await index.take_expired("another", LEASE, 10) == []
+        assert sorted(await index.take_expired(OWNER, LEASE, 10, [])) == ["left-1", "left-2"]
+        assert await index.take_expired("another", LEASE, 10, []) == []
         assert not await index.claim("left-1", "another", LEASE)
         with pytest.raises(sqlite3.Error) as raised:
             await index.claim("left-1", OWNER, LEASE)
@@ -251,7 +251,7 @@ async def test_expired_entries_are_taken_over_on_a_full_disk_without_a_reserve(
         filler.unlink()
         assert await index.claim("left-1", OWNER, LEASE)
         await index.unjournal(["left-1", "left-2"], OWNER)
-        await index.renew(OWNER, -1)
-        assert await index.take_expired("another", LEASE, 10) == []
+        await index.renew(OWNER, -1, ["left-1", "left-2"])
+        assert await index.take_expired("another", LEASE, 10, []) == []
     finally:
         await index.close()

@@ -195,14 +195,14 @@ async def test_an_image_is_added_only_by_the_holder_of_its_entry(index: Index) -
 async def test_an_image_whose_entry_was_taken_over_is_not_added(index: Index) -> None:
     lost, late = image(1), image(2)
     await index.journal([lost.id, late.id], A, EXPIRED)
-    assert await index.take_expired(B, LEASE, 1) == [lost.id]
+    assert await index.take_expired(B, LEASE, 1, []) == [lost.id]
     with pytest.raises(LeaseLost):
         await index.add(lost, A)
     assert await index.get(lost.id) is None
     # Expired but not taken over: still the owner's to finish.
     await index.add(late, A)
     assert await index.get(late.id) == late
-    assert await index.take_expired(C, LEASE, 10) == []  # the entry went with the add
+    assert await index.take_expired(C, LEASE, 10, []) == []  # the entry went with the add
     assert await index.totals() == Totals(1, late.nbytes, 0)
 
 
@@ -246,42 +246,53 @@ async def test_a_claim_is_held_until_its_lease_expires(index: Index) -> None:
 
 async def test_only_the_owner_clears_or_renews_its_entries(index: Index) -> None:
     await index.journal(["a1", "a2"], A, EXPIRED)
-    await index.journal(["b1"], B, EXPIRED)
+    await index.journal(["b1", "b2"], B, EXPIRED)
     await index.unjournal(["a1", "b1"], A)
-    await index.renew(B, LEASE)
-    assert await index.take_expired(C, LEASE, 10) == ["a2"]
-    await index.renew(C, EXPIRED)
-    assert await index.take_expired(A, LEASE, 10) == ["a2"]
+    await index.renew(B, LEASE, ["b1", "b2", "a2"])
+    assert await index.take_expired(C, LEASE, 10, []) == ["a2"]
+    await index.renew(C, EXPIRED, ["a2"])
+    assert await index.take_expired(A, LEASE, 10, []) == ["a2"]
 
 
-async def test_a_node_never_takes_over_its_own_expired_entries(index: Index) -> None:
-    # Its work on them may still be under way: the add of an upload whose lease ran out
-    # while the index was unreachable, say. Renewing them is its own business.
-    await index.journal(["mine"], A, EXPIRED)
-    assert await index.take_expired(A, LEASE, 10) == []
-    assert await index.take_expired(B, LEASE, 10) == ["mine"]
+async def test_only_the_entries_named_are_renewed(index: Index) -> None:
+    # One a write whose answer was lost left, say: the node never learnt of it.
+    await index.journal(["known", "unknown"], A, EXPIRED)
+    await index.renew(A, LEASE, ["known"])
+    assert await index.take_expired(B, LEASE, 10, []) == ["unknown"]
+
+
+async def test_a_node_takes_over_its_own_expired_entries_but_those_it_keeps(
+    index: Index,
+) -> None:
+    # Its work on those it keeps may still be under way: the add of an upload whose
+    # lease ran out while the index was unreachable, say. The others are lost writes'.
+    await index.journal(["in-hand", "lost"], A, EXPIRED)
+    assert await index.take_expired(A, LEASE, 10, ["in-hand", "lost-elsewhere"]) == ["lost"]
+    assert await index.take_expired(A, LEASE, 10, ["in-hand"]) == []
+    # Another node keeps nothing of A's.
+    assert await index.take_expired(B, LEASE, 10, ["in-hand"]) == ["in-hand"]
 
 
 async def test_journaling_again_renews_only_the_owner_s_own_entry(index: Index) -> None:
     await index.journal(["mine", "theirs"], A, EXPIRED)
     await index.journal(["mine"], A, LEASE)
     await index.journal(["theirs"], B, LEASE)
-    assert await index.take_expired(C, LEASE, 10) == ["theirs"]
+    assert await index.take_expired(C, LEASE, 10, []) == ["theirs"]
 
 
 async def test_expired_entries_are_taken_over_a_batch_at_a_time(index: Index) -> None:
     expired = [f"expired-{n}" for n in range(5)]
     await index.journal(expired, A, EXPIRED)
     await index.journal(["current"], A, LEASE)
-    first = await index.take_expired(B, LEASE, 3)
-    rest = await index.take_expired(B, LEASE, 10)
+    first = await index.take_expired(B, LEASE, 3, [])
+    rest = await index.take_expired(B, LEASE, 10, [])
     assert len(first) == 3
     assert sorted(first + rest) == expired
-    assert await index.take_expired(C, LEASE, 10) == []
+    assert await index.take_expired(C, LEASE, 10, []) == []
     # B holds them now: A's clearing leaves them.
     await index.unjournal(expired, A)
-    await index.renew(B, EXPIRED)
-    assert sorted(await index.take_expired(C, LEASE, 10)) == expired
+    await index.renew(B, EXPIRED, expired)
+    assert sorted(await index.take_expired(C, LEASE, 10, [])) == expired
 
 
 async def test_nodes_taking_over_at_once_never_take_the_same_entry(
@@ -294,7 +305,7 @@ async def test_nodes_taking_over_at_once_never_take_the_same_entry(
 
     async def take_all(taker: Index, owner: str) -> list[str]:
         taken: list[str] = []
-        while batch := await taker.take_expired(owner, LEASE, 7):
+        while batch := await taker.take_expired(owner, LEASE, 7, []):
             taken += batch
         return taken
 
@@ -350,7 +361,7 @@ async def test_a_thumbnail_whose_claim_was_taken_over_is_not_recorded(index: Ind
     await store(index, record)
     late = thumbnail(record, 100)
     assert await index.claim(key(late), A, EXPIRED)
-    assert await index.take_expired(B, LEASE, 10) == [key(late)]
+    assert await index.take_expired(B, LEASE, 10, []) == [key(late)]
     with pytest.raises(LeaseLost):
         await index.add_thumbnail(late, A)
     assert await index.image_and_thumbnail(record.id, 100, 100) == (record, None)
@@ -473,7 +484,7 @@ async def test_a_reopened_index_has_everything(index: Index, open_index: OpenInd
     assert await again.page(10, None) == ([record], False)
     assert await again.image_and_thumbnail(record.id, 100, 100) == (record, kept)
     assert await again.totals() == Totals(1, record.nbytes, 30)
-    assert await again.take_expired(B, LEASE, 10) == ["left"]
+    assert await again.take_expired(B, LEASE, 10, []) == ["left"]
 
 
 # PostgreSQL only: several nodes at once.
@@ -655,7 +666,7 @@ async def test_nodes_evicting_at_once_never_evict_the_same_thumbnail(postgres_ur
         for (_, owner), evicted in zip(owners, evictions, strict=True):
             assert not any([await evictors[0].claim(key(record), C, LEASE) for record in evicted])
             await evictors[1].unjournal(list(map(key, evicted)), owner)
-        assert await evictors[1].take_expired(C, EXPIRED, 1000) == []
+        assert await evictors[1].take_expired(C, EXPIRED, 1000, []) == []
     finally:
         await close(evictors)
 

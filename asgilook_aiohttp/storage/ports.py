@@ -205,13 +205,18 @@ class Index(Protocol):
     async def unjournal(self, keys: Collection[str], owner: str) -> None:
         """Clear entries ``owner`` holds; others' are left alone."""
 
-    async def renew(self, owner: str, lease: float) -> None:
-        """Extend every lease ``owner`` holds to ``lease`` seconds from now."""
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
+        """Extend the leases of these entries of ``owner`` to ``lease`` seconds from now.
+        Its entries not named lapse: those of writes whose answer was lost (a statement
+        that timed out here and committed there), which only a sweep can find."""
 
-    async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
-        """Take over up to ``limit`` entries of other owners whose lease has expired; their
-        keys. Two nodes asking at once never take the same entry. The owner's own are
-        left to it: still in hand, their work could finish between its undoing's steps."""
+    async def take_expired(
+        self, owner: str, lease: float, limit: int, keep: Collection[str]
+    ) -> list[str]:
+        """Take over up to ``limit`` entries whose lease has expired, for ``owner``; their
+        keys. Two nodes asking at once never take the same entry. The owner's own in
+        ``keep`` are left to it: still in hand, their work could finish between its
+        undoing's steps."""
 
     # Images.
 

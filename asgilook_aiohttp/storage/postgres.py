@@ -135,7 +135,8 @@ RETURNING true
 """
 _TAKE_EXPIRED = """
 WITH expired AS MATERIALIZED (
-    SELECT id FROM pending WHERE expires < now() AND owner IS DISTINCT FROM $1
+    SELECT id FROM pending
+    WHERE expires < now() AND NOT (owner IS NOT DISTINCT FROM $1 AND id = ANY ($4::text[]))
     ORDER BY expires LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
@@ -348,22 +349,27 @@ class PostgresIndex:
             )
         )
 
-    async def renew(self, owner: str, lease: float) -> None:
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
         await self._run(
             lambda db: db.execute(
-                "UPDATE pending SET expires = now() + make_interval(secs => $2) WHERE owner = $1",
+                "UPDATE pending SET expires = now() + make_interval(secs => $2) "
+                "WHERE owner = $1 AND id = ANY ($3::text[])",
                 owner,
                 lease,
+                sorted(keys),  # writers lock entries in one order
             )
         )
 
-    async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
+    async def take_expired(
+        self, owner: str, lease: float, limit: int, keep: Collection[str]
+    ) -> list[str]:
         rows = await self._run(
             lambda db: db.fetch(
                 _TAKE_EXPIRED,
                 owner,
                 lease,
                 limit,
+                list(keep),
             )
         )
         return [row["id"] for row in rows]

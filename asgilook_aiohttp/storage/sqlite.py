@@ -334,14 +334,26 @@ class SqliteIndex:
 
         await self._call(unjournal)
 
-    async def renew(self, owner: str, lease: float) -> None:
-        await self._call(
-            lambda db: db.execute(
-                "UPDATE pending SET expires = ? WHERE owner = ?", (time.time() + lease, owner)
-            )
-        )
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
+        def renew(db: sqlite3.Connection) -> None:
+            expires = time.time() + lease
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "UPDATE pending SET expires = ? WHERE id = ? AND owner = ?",
+                    [(expires, key, owner) for key in keys],
+                )
 
-    async def take_expired(self, owner: str, lease: float, limit: int) -> list[str]:
+        await self._call(renew)
+
+    async def take_expired(
+        self, owner: str, lease: float, limit: int, keep: Collection[str]
+    ) -> list[str]:
+        kept = set(keep)
+
+        def takeable(key: str, holder: str | None) -> bool:
+            return key not in self._unwritten and not (holder == owner and key in kept)
+
         def take(db: sqlite3.Connection) -> list[str]:
             now = time.time()
             keys: list[str] = []
@@ -351,11 +363,10 @@ class SqliteIndex:
                     # the server takes the same entries.
                     db.execute("BEGIN IMMEDIATE")
                     expired = db.execute(
-                        "SELECT id FROM pending WHERE expires < ? AND owner IS NOT ? "
-                        "ORDER BY expires LIMIT ?",
-                        (now, owner, limit + len(self._unwritten)),
+                        "SELECT id, owner FROM pending WHERE expires < ? ORDER BY expires LIMIT ?",
+                        (now, limit + len(self._unwritten) + len(kept)),
                     )
-                    keys = [key for (key,) in expired if key not in self._unwritten][:limit]
+                    keys = [key for key, holder in expired if takeable(key, holder)][:limit]
                     db.executemany(
                         "UPDATE pending SET owner = ?, expires = ? WHERE id = ?",
                         [(owner, now + lease, key) for key in keys],
