@@ -156,6 +156,9 @@ class Journal:
                 _log.exception("could not undo %d journaled entries", len(keys))
             self._to_undo.update(keys)
             return
+        except BaseException:
+            self._to_undo.update(keys)
+            raise
         self._to_undo.difference_update(keys)
         self._in_hand.difference_update(keys)
 
@@ -175,7 +178,7 @@ class Journal:
         while taken := await self.take(self._take_expired, str):
             try:
                 await self._undo(taken)
-            except Exception:
+            except BaseException:  # a stop too: cancelled, it is settled as the node closes
                 self._to_undo.update(taken)  # in hand: settled later
                 raise
             self._in_hand.difference_update(taken)
@@ -194,8 +197,9 @@ class Journal:
 
     async def close(self) -> None:
         """Let go of the ids journaled ahead and not used (no blob has any of them), and
-        undo the entries of this node's that it never learnt of. What is still in hand
-        is left to lapse: its work may still be running."""
+        undo the entries of this node's that it never learnt of and those it could not
+        undo before. What else is in hand is left to lapse: its work may still be
+        running."""
         async with self._issuing, self._taking:  # no write of this node's is unanswered
             spare, self._spare_ids = self._spare_ids, []
             try:
@@ -212,4 +216,4 @@ class Journal:
             except Exception:
                 _log.exception("could not clear this node's journal entries")
                 return
-        await self._settle(lost)
+        await self._settle([*lost, *self._to_undo])

@@ -559,6 +559,36 @@ async def test_a_node_killed_mid_delete_leaves_nothing_once_its_lease_passes(
     nodes.assert_no_server_errors()
 
 
+async def test_a_node_stopped_as_it_sweeps_leaves_nothing_journaled_in_its_name(
+    nodes: Nodes, library: Library
+) -> None:
+    (node,) = await nodes.start("a", flags=LEASE)
+    # What a node that died long ago left: undoing each entry asks both the index and the
+    # object store, so sweeping these takes seconds.
+    dead = "a-node-that-died"
+    left = {str(uuid.uuid4()) for _ in range(2000)}
+    db = await connect(library)
+    try:
+        await db.execute(
+            "INSERT INTO pending (id, owner, expires) "
+            "SELECT key, $2, now() - interval '1 minute' FROM unnest($1::text[]) AS key",
+            list(left),
+            dead,
+        )
+    finally:
+        await db.close()
+    # The node has begun: some of them are in its name now.
+    await until_rows(library, lambda index: bool(set(index.journal.values()) - {dead}))
+
+    node.signal(signal.SIGTERM)
+    assert await node.exit_code() == 0
+    index = await rows(library)
+    # What it had taken over is undone; the rest is left to the next node, as it was.
+    assert set(index.journal.values()) == {dead}
+    assert set(index.journal) < left
+    nodes.assert_no_server_errors()
+
+
 async def test_thumbnails_a_dead_node_was_making_are_made_once_its_lease_passes(
     nodes: Nodes, library: Library, session: aiohttp.ClientSession
 ) -> None:
