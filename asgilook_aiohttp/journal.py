@@ -67,13 +67,12 @@ class Journal:
         async with self._issuing:
             if self._spare_ids and time.monotonic() >= self._spares_held_until:
                 # An upload given one that was swept would fail: those still journaled
-                # for this node are let go, and a fresh batch journaled.
+                # for this node are let go, and a fresh batch journaled. Whatever
+                # happens to the clearing, they are dropped: kept, one that the clearing
+                # removed though its answer was lost would be taken for held again once
+                # a renewal sent before this answered.
                 stale, self._spare_ids = self._spare_ids, []
-                try:
-                    await self._index.unjournal(stale, self.owner)
-                except BaseException:
-                    self._spare_ids.extend(stale)
-                    raise
+                await self._index.unjournal(stale, self.owner)  # or they lapse, unrenewed
             if not self._spare_ids:
                 journaling = time.monotonic()
                 batch = [str(uuid.uuid4()) for _ in range(SPARE_IDS)]
