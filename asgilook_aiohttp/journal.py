@@ -190,7 +190,12 @@ class Journal:
 
     async def renew(self) -> None:
         renewing = time.monotonic()
-        await self._index.renew(self.owner, self.lease, self._in_hand.union(self._spare_ids))
+        asked = self._in_hand.union(self._spare_ids)
+        renewed = await self._index.renew(self.owner, self.lease, asked)
+        # A spare id whose entry is gone (swept by another node while this renewal was on
+        # its way) would fail the upload given it.
+        gone = asked.difference(renewed)
+        self._spare_ids = [image_id for image_id in self._spare_ids if image_id not in gone]
         if renewing < self._spares_held_until:  # else they may be gone already
             self._spares_held_until = renewing + self.lease
 
@@ -199,20 +204,22 @@ class Journal:
         undo the entries of this node's that it never learnt of and those it could not
         undo before. What else is in hand is left to lapse: its work may still be
         running."""
+        lost: list[str] = []
         async with self._issuing, self._taking:  # no write of this node's is unanswered
             spare, self._spare_ids = self._spare_ids, []
             try:
                 await self._index.unjournal(spare, self.owner)
+                entries = await self._index.journaled()
+            except Exception as error:  # they lapse, and another node's sweep undoes them
+                if isinstance(error, Unavailable):
+                    _log.warning("could not clear this node's journal entries: %s", error)
+                else:
+                    _log.exception("could not clear this node's journal entries")
+            else:
                 lost = [
                     entry.key
-                    for entry in await self._index.journaled()
+                    for entry in entries
                     if entry.owner == self.owner and entry.key not in self._in_hand
                 ]
                 self._in_hand.update(lost)
-            except Unavailable as error:  # another node sweeps them once their lease expires
-                _log.warning("could not clear this node's journal entries: %s", error)
-                return
-            except Exception:
-                _log.exception("could not clear this node's journal entries")
-                return
         await self._settle([*lost, *self._to_undo])

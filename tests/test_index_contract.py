@@ -261,6 +261,13 @@ async def test_only_the_entries_named_are_renewed(index: Index) -> None:
     assert await index.take_expired(B, LEASE, 10, []) == ["unknown"]
 
 
+async def test_a_renewal_says_which_entries_the_owner_still_held(index: Index) -> None:
+    await index.journal(["kept"], A, LEASE)
+    await index.journal(["swept"], A, EXPIRED)
+    assert await index.take_expired(B, LEASE, 10, []) == ["swept"]
+    assert await index.renew(A, LEASE, ["kept", "swept", "never"]) == ["kept"]
+
+
 async def test_a_node_takes_over_its_own_expired_entries_but_those_it_keeps(
     index: Index,
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -102,6 +104,22 @@ async def test_ids_are_journaled_ahead_and_each_is_cleared_once_used(
     assert len({image["id"] for image in listed}) == SPARE_IDS + 1
     await client.close()
     assert index_rows(storage) == (SPARE_IDS + 1, 0)  # spare ids are let go at shutdown
+
+
+async def test_spare_ids_another_node_swept_are_not_handed_out_once_a_renewal_finds_them_gone(
+    make_client: ClientFactory, storage: Path
+) -> None:
+    lease = 2.0
+    client = await make_client(lease_seconds=lease)
+    assert (await client.post("/images", data=samples.small_png())).status == 201
+    # Another node's sweep took the spare ids over and undid them, their lease having
+    # run out while this node's renewal was on its way: the renewals find them gone.
+    with sqlite3.connect(storage / INDEX_FILE) as db:
+        db.execute("DELETE FROM pending")
+    # Renewals come every third of the lease; past the lease, even one that had not
+    # been renewed would be let go.
+    await asyncio.sleep(lease + 0.5)
+    assert (await client.post("/images", data=samples.small_png())).status == 201
 
 
 async def test_an_upload_refused_for_a_full_queue_gives_its_id_back(

@@ -205,10 +205,11 @@ class Index(Protocol):
     async def unjournal(self, keys: Collection[str], owner: str) -> None:
         """Clear entries ``owner`` holds; others' are left alone."""
 
-    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
-        """Extend the leases of these entries of ``owner`` to ``lease`` seconds from now.
-        Its entries not named lapse: those of writes whose answer was lost (a statement
-        that timed out here and committed there), which only a sweep can find."""
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> list[str]:
+        """Extend the leases of these entries of ``owner`` to ``lease`` seconds from now;
+        the keys of those it still held. Its entries not named lapse: those of writes
+        whose answer was lost (a statement that timed out here and committed there),
+        which only a sweep can find."""
 
     async def take_expired(
         self, owner: str, lease: float, limit: int, keep: Collection[str]

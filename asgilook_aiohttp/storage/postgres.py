@@ -349,16 +349,17 @@ class PostgresIndex:
             )
         )
 
-    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
-        await self._run(
-            lambda db: db.execute(
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> list[str]:
+        rows = await self._run(
+            lambda db: db.fetch(
                 "UPDATE pending SET expires = now() + make_interval(secs => $2) "
-                "WHERE owner = $1 AND id = ANY ($3::text[])",
+                "WHERE owner = $1 AND id = ANY ($3::text[]) RETURNING id",
                 owner,
                 lease,
-                sorted(keys),  # writers lock entries in one order
+                list(keys),
             )
         )
+        return [row["id"] for row in rows]
 
     async def take_expired(
         self, owner: str, lease: float, limit: int, keep: Collection[str]

@@ -334,17 +334,21 @@ class SqliteIndex:
 
         await self._call(unjournal)
 
-    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> None:
-        def renew(db: sqlite3.Connection) -> None:
+    async def renew(self, owner: str, lease: float, keys: Collection[str]) -> list[str]:
+        def renew(db: sqlite3.Connection) -> list[str]:
             expires = time.time() + lease
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany(
-                    "UPDATE pending SET expires = ? WHERE id = ? AND owner = ?",
-                    [(expires, key, owner) for key in keys],
-                )
+                return [
+                    key
+                    for key in keys
+                    if db.execute(
+                        "UPDATE pending SET expires = ? WHERE id = ? AND owner = ?",
+                        (expires, key, owner),
+                    ).rowcount
+                ]
 
-        await self._call(renew)
+        return await self._call(renew)
 
     async def take_expired(
         self, owner: str, lease: float, limit: int, keep: Collection[str]
