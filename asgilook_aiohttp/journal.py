@@ -67,12 +67,11 @@ class Journal:
         async with self._issuing:
             if self._spare_ids and time.monotonic() >= self._spares_held_until:
                 # An upload given one that was swept would fail: those still journaled
-                # for this node are let go, and a fresh batch journaled. Whatever
-                # happens to the clearing, they are dropped: kept, one that the clearing
-                # removed though its answer was lost would be taken for held again once
-                # a renewal sent before this answered.
+                # for this node are let go, and a fresh batch journaled. They are dropped
+                # even if the clearing fails here, as it may have committed there; left
+                # unrenewed, they lapse.
                 stale, self._spare_ids = self._spare_ids, []
-                await self._index.unjournal(stale, self.owner)  # or they lapse, unrenewed
+                await self._index.unjournal(stale, self.owner)
             if not self._spare_ids:
                 journaling = time.monotonic()
                 batch = [str(uuid.uuid4()) for _ in range(SPARE_IDS)]
