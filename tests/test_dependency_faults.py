@@ -192,9 +192,9 @@ async def upload(send: Send, data: bytes) -> dict[str, Any]:
     return created
 
 
-async def rows(library: Library) -> tuple[set[str], int]:
-    """The blob keys the index's rows name (images and kept thumbnails), and how many
-    journal entries it holds."""
+async def rows(library: Library) -> tuple[set[str], dict[str, str]]:
+    """The blob keys the index's rows name (images and kept thumbnails), and its journal
+    entries: key, owner."""
     import asyncpg  # noqa: PLC0415 - the extra: its fixture skips the test where it is missing
 
     db = await asyncpg.connect(library.index)
@@ -204,21 +204,12 @@ async def rows(library: Library) -> tuple[set[str], int]:
             thumbnail_key(row["image_id"], row["width"], row["height"])
             for row in await db.fetch("SELECT image_id, width, height FROM thumbnails")
         }
-        pending: int = await db.fetchval("SELECT count(*) FROM pending")
+        journal = {
+            row["id"]: row["owner"] for row in await db.fetch("SELECT id, owner FROM pending")
+        }
     finally:
         await db.close()
-    return images | thumbnails, pending
-
-
-async def journal_of(library: Library) -> dict[str, str]:
-    """The index's journal entries: key, owner."""
-    import asyncpg  # noqa: PLC0415 - the extra: its fixture skips the test where it is missing
-
-    db = await asyncpg.connect(library.index)
-    try:
-        return {row["id"]: row["owner"] for row in await db.fetch("SELECT id, owner FROM pending")}
-    finally:
-        await db.close()
+    return images | thumbnails, journal
 
 
 async def until_objects_match_rows(library: Library) -> None:
@@ -330,7 +321,7 @@ async def test_what_needs_a_failed_dependency_gets_503_in_time_and_service_resum
     # node has settled what it put off, it leaves no journal entry behind.
     await until_objects_match_rows(library)
     await client.close()
-    assert (await rows(library))[1] == 0
+    assert (await rows(library))[1] == {}
     assert not errors_logged(caplog)
 
 
@@ -400,7 +391,7 @@ async def test_a_thumbnail_another_node_is_making_as_a_dependency_fails_is_503_i
     assert answers[0].body == answers[1].body
     await until_objects_match_rows(library)
     await asyncio.gather(a.close(), b.close())
-    assert (await rows(library))[1] == 0
+    assert (await rows(library))[1] == {}
 
 
 @pytest.mark.parametrize("fault", ["postgresql-stopped"], indirect=True)
@@ -451,17 +442,17 @@ async def test_entries_a_node_never_learnt_of_are_undone_while_it_lives_and_as_i
 ) -> None:
     client = await make_client()
     await upload(client.request, samples.small_png())  # ids journaled ahead, in its name
-    spares = await journal_of(library)
+    spares = (await rows(library))[1]
     assert len(spares) == SPARE_IDS - 1
     (owner,) = set(spares.values())
     await journal_lost_ids(library, owner, SPARE_IDS)
 
     if then == "stops":
         await client.close()
-        assert await journal_of(library) == {}
+        assert (await rows(library))[1] == {}
     else:  # renewing only what it holds, it lets them lapse, and sweeps them
         async with asyncio.timeout(LEASE + RECOVERY):
-            while await journal_of(library) != spares:  # noqa: ASYNC110 - polled
+            while (await rows(library))[1] != spares:  # noqa: ASYNC110 - polled
                 await asyncio.sleep(0.1)
         assert (
             await ask(client.request, "POST", "/images", data=samples.small_png())
@@ -511,7 +502,7 @@ async def test_a_server_process_answers_503_through_each_fault_and_resumes_witho
     await until_objects_match_rows(library)
     node.signal(signal.SIGTERM)
     assert await node.exit_code() == 0
-    assert (await rows(library))[1] == 0
+    assert (await rows(library))[1] == {}
     text = log.read_text()
     assert "Traceback" not in text
     assert '" 500 ' not in text
